@@ -1,0 +1,1 @@
+"""Retrieval: ScaNN index, Search-R1 compatible HTTP server and client."""
