@@ -1,0 +1,108 @@
+"""Scripted search episodes for the demo task, in Search-R1's tags, for a supervised warm start.
+
+An episode is a list of (role, text) segments: "policy" segments are what the model should write
+(trained on), "observation" segments are what the environment inserts (masked out of the loss).
+Answers are read from the retrieved passages, not copied from the gold, so a demonstration shows
+exactly what the retriever makes possible.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from tspo_jax.demo_task import world
+
+POLICY, OBSERVATION = "policy", "observation"
+# A short instruction in the tags' vocabulary (our wording); configs may use it as the prompt.
+INSTRUCTION = (
+    "Answer the question. Think inside <think> and </think> first. To look something up, write "
+    "a query inside <search> and </search>; the results come back inside <information> and "
+    "</information>. When you know the answer, give it inside <answer> and </answer>.")
+SearchFn = Callable[[str], Sequence[tuple[str, str]]]  # query -> [(title, text), ...]
+
+
+def _question_regex(template: str) -> re.Pattern:
+    before, after = template.split("{name}")
+    return re.compile(f"^{re.escape(before)}(.+){re.escape(after)}$")
+
+
+_QUESTION = {world.ONE_HOP: _question_regex(world.CITY_QUESTION),
+             world.TWO_HOP: _question_regex(world.COUNTRY_QUESTION)}
+_BORN_IN = re.compile(r"\bwas born in (\w+)\.")
+_CITY_IN = re.compile(r"\bis a city in (\w+)\.")
+
+
+class DemonstrationUnavailable(LookupError):
+    """The search results lack the passage a scripted episode needs (e.g. a retrieval miss)."""
+
+
+def format_docs(docs: Sequence[tuple[str, str]]) -> str:
+    """Search-R1's `_passages2string`: one "Doc {i}(Title: {title}) {text}\\n" per doc, i from 1."""
+    return "".join(f"Doc {i}(Title: {title}) {text}\n" for i, (title, text) in enumerate(docs, 1))
+
+
+def format_observation(docs: Sequence[tuple[str, str]]) -> str:
+    """The text the environment appends after a search (Search-R1 strips the docs string)."""
+    return f"\n\n<information>{format_docs(docs).strip()}</information>\n\n"
+
+
+def _search_turn(think: str, query: str) -> str:
+    return f"<think> {think} </think>\n<search> {query} </search>"
+
+
+def _answer_turn(think: str, answer: str) -> str:
+    return f"<think> {think} </think>\n<answer> {answer} </answer>"
+
+
+def _fact_from(docs: Sequence[tuple[str, str]], title: str, pattern: re.Pattern, query: str) -> str:
+    for doc_title, text in docs:
+        if doc_title == title:
+            match = pattern.search(text)
+            if match:
+                return match.group(1)
+    raise DemonstrationUnavailable(
+        f"Search for {query!r} returned no passage titled {title!r} stating the needed fact "
+        f"(got titles {[t for t, _ in docs]}); skip this example or retrieve more documents.")
+
+
+def demonstrations(example, search_fn: SearchFn) -> list[tuple[str, str]]:
+    """The scripted episode for a demo-task QAExample (data_source demo_1hop or demo_2hop).
+
+    Raises DemonstrationUnavailable when search_fn misses a needed passage, and ValueError for a
+    question that is not from the demo task or whose retrieved answer contradicts its gold.
+    """
+    pattern = _QUESTION.get(example.data_source)
+    match = pattern.match(example.question) if pattern else None
+    if match is None:
+        raise ValueError(f"Not a demo-task question: data_source={example.data_source!r}, "
+                         f"question={example.question!r}; demonstrations only script "
+                         f"{world.ONE_HOP!r} and {world.TWO_HOP!r} questions.")
+    name = match.group(1)
+    segments: list[tuple[str, str]] = []
+
+    if example.data_source == world.ONE_HOP:
+        segments.append((POLICY, _search_turn(f"I need to find out where {name} was born.", name)))
+    else:
+        segments.append((POLICY, _search_turn(
+            f"I need to find out where {name} was born, and then which country that city is in.",
+            name)))
+    docs = list(search_fn(name))
+    segments.append((OBSERVATION, format_observation(docs)))
+    city = _fact_from(docs, name, _BORN_IN, name)
+
+    if example.data_source == world.ONE_HOP:
+        answer = city
+        segments.append((POLICY, _answer_turn(f"{name} was born in {city}.", city)))
+    else:
+        segments.append((POLICY, _search_turn(
+            f"{name} was born in {city}. Now I need to find the country of {city}.", city)))
+        docs = list(search_fn(city))
+        segments.append((OBSERVATION, format_observation(docs)))
+        answer = _fact_from(docs, city, _CITY_IN, city)
+        segments.append((POLICY, _answer_turn(f"{city} is a city in {answer}.", answer)))
+
+    golds = {world.normalize(g) for g in example.golds}
+    if world.normalize(answer) not in golds:
+        raise ValueError(f"Retrieved passages give {answer!r} for {example.uid!r} but its golds "
+                         f"are {example.golds}; the corpus and the QA file disagree.")
+    return segments
