@@ -1,4 +1,5 @@
 """Test setup: eight fake CPU devices for mesh tests, fp32 matmuls for parity tests."""
+
 import os
 
 # Must be set before JAX initialises its backends.

@@ -1,4 +1,5 @@
 """Sharded execution on 8 fake CPU devices equals single-device execution."""
+
 import functools
 
 import jax
@@ -16,25 +17,25 @@ from tspo_jax.model import qwen2
 
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory):
-  hf = random_hf_model(tiny_hf_config(tie=False), seed=3)
-  d = str(tmp_path_factory.mktemp("hf"))
-  hf.save_pretrained(d)
-  return d
+    hf = random_hf_model(tiny_hf_config(tie=False), seed=3)
+    d = str(tmp_path_factory.mktemp("hf"))
+    hf.save_pretrained(d)
+    return d
 
 
 def test_eight_fake_devices_are_there():
-  assert jax.device_count() == 8, "tests/conftest.py must set --xla_force_host_platform_device_count=8"
+    assert jax.device_count() == 8, "tests/conftest.py must set --xla_force_host_platform_device_count=8"
 
 
 def test_logical_rules_replicate_what_does_not_divide():
-  mesh = shd.make_mesh((1, 2, 4))
-  assert shd.logical_to_spec(("vocab", "embed"), (256, 64), mesh) == P("tensor", "fsdp")
-  # 2 KV heads cannot be split 4 ways: replicated, and the mesh axis stays free.
-  assert shd.logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 2, 16), mesh) == P("fsdp", None, None)
-  assert shd.logical_to_spec(("embed", "heads", "head_dim"), (64, 4, 16), mesh) == P("fsdp", "tensor", None)
-  with pytest.raises(ValueError, match="needs 16 devices but 8"):
-    shd.make_mesh((4, 4, 1))
-  assert shd.make_mesh((-1, 2, 1)).shape == {"data": 4, "fsdp": 2, "tensor": 1}
+    mesh = shd.make_mesh((1, 2, 4))
+    assert shd.logical_to_spec(("vocab", "embed"), (256, 64), mesh) == P("tensor", "fsdp")
+    # 2 KV heads cannot be split 4 ways: replicated, and the mesh axis stays free.
+    assert shd.logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 2, 16), mesh) == P("fsdp", None, None)
+    assert shd.logical_to_spec(("embed", "heads", "head_dim"), (64, 4, 16), mesh) == P("fsdp", "tensor", None)
+    with pytest.raises(ValueError, match="needs 16 devices but 8"):
+        shd.make_mesh((4, 4, 1))
+    assert shd.make_mesh((-1, 2, 1)).shape == {"data": 4, "fsdp": 2, "tensor": 1}
 
 
 EXPECTED = {  # mesh -> (embed spec, q kernel spec, k kernel spec, mlp up spec)
@@ -46,37 +47,39 @@ EXPECTED = {  # mesh -> (embed spec, q kernel spec, k kernel spec, mlp up spec)
 
 @pytest.mark.parametrize("mesh_shape", list(EXPECTED), ids=str)
 def test_sharded_forward_equals_single_device(ckpt_dir, mesh_shape):
-  ref_model = params_lib.load_hf_checkpoint(ckpt_dir)
-  ids = np.random.RandomState(0).randint(0, 256, (8, 16)).astype(np.int32)
-  valid = np.ones_like(ids, bool)
-  valid[1, :5] = False  # a left-padded row
-  ref = np.asarray(ref_model(jnp.asarray(ids), valid=jnp.asarray(valid))[0])
+    ref_model = params_lib.load_hf_checkpoint(ckpt_dir)
+    ids = np.random.RandomState(0).randint(0, 256, (8, 16)).astype(np.int32)
+    valid = np.ones_like(ids, bool)
+    valid[1, :5] = False  # a left-padded row
+    ref = np.asarray(ref_model(jnp.asarray(ids), valid=jnp.asarray(valid))[0])
 
-  mesh = shd.make_mesh(mesh_shape)
-  model = params_lib.load_hf_checkpoint(ckpt_dir, mesh=mesh)
-  embed_spec, q_spec, k_spec, up_spec = EXPECTED[mesh_shape]
-  assert model.embed[...].sharding.spec == embed_spec
-  assert model.layers[0].attn.q_kernel[...].sharding.spec == q_spec
-  assert model.layers[1].attn.k_kernel[...].sharding.spec == k_spec
-  assert model.layers[1].mlp.up_kernel[...].sharding.spec == up_spec
-  assert len(model.embed[...].sharding.device_set) == 8
+    mesh = shd.make_mesh(mesh_shape)
+    model = params_lib.load_hf_checkpoint(ckpt_dir, mesh=mesh)
+    embed_spec, q_spec, k_spec, up_spec = EXPECTED[mesh_shape]
+    assert model.embed[...].sharding.spec == embed_spec
+    assert model.layers[0].attn.q_kernel[...].sharding.spec == q_spec
+    assert model.layers[1].attn.k_kernel[...].sharding.spec == k_spec
+    assert model.layers[1].mlp.up_kernel[...].sharding.spec == up_spec
+    assert len(model.embed[...].sharding.device_set) == 8
 
-  graphdef, state = nnx.split(model)
-  state_sh = shd.state_shardings(state, mesh)
-  fwd = jax.jit(functools.partial(qwen2.apply, graphdef),
-                in_shardings=(state_sh, shd.batch_sharding(mesh), shd.batch_sharding(mesh)),
-                out_shardings=(NamedSharding(mesh, shd.batch_spec(3)), None))
-  ids_d, valid_d = shd.shard_batch((ids, valid), mesh)
-  out, _ = fwd(state, ids_d, valid_d)
-  assert out.sharding.spec == shd.batch_spec(3)
-  np.testing.assert_allclose(np.asarray(out)[valid], ref[valid], atol=1e-5)
+    graphdef, state = nnx.split(model)
+    state_sh = shd.state_shardings(state, mesh)
+    fwd = jax.jit(
+        functools.partial(qwen2.apply, graphdef),
+        in_shardings=(state_sh, shd.batch_sharding(mesh), shd.batch_sharding(mesh)),
+        out_shardings=(NamedSharding(mesh, shd.batch_spec(3)), None),
+    )
+    ids_d, valid_d = shd.shard_batch((ids, valid), mesh)
+    out, _ = fwd(state, ids_d, valid_d)
+    assert out.sharding.spec == shd.batch_spec(3)
+    np.testing.assert_allclose(np.asarray(out)[valid], ref[valid], atol=1e-5)
 
 
 def test_shard_model_moves_an_initialised_model(ckpt_dir):
-  mesh = shd.make_mesh((2, 2, 2))
-  model = qwen2.init_model(qwen2.Qwen2Config.from_hf_config(ckpt_dir), seed=1)
-  ids = jnp.asarray(np.random.RandomState(1).randint(0, 256, (4, 8)))
-  before = np.asarray(model(ids)[0])
-  shd.shard_model(model, mesh)
-  assert model.layers[0].mlp.down_kernel[...].sharding.spec == P("tensor", "fsdp")
-  np.testing.assert_allclose(np.asarray(model(ids)[0]), before, atol=1e-5)
+    mesh = shd.make_mesh((2, 2, 2))
+    model = qwen2.init_model(qwen2.Qwen2Config.from_hf_config(ckpt_dir), seed=1)
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, 256, (4, 8)))
+    before = np.asarray(model(ids)[0])
+    shd.shard_model(model, mesh)
+    assert model.layers[0].mlp.down_kernel[...].sharding.spec == P("tensor", "fsdp")
+    np.testing.assert_allclose(np.asarray(model(ids)[0]), before, atol=1e-5)

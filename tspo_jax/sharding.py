@@ -35,106 +35,115 @@ log = logging.getLogger(__name__)
 
 
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh. One entry may be -1: it takes the remaining devices."""
-  devices = list(devices if devices is not None else jax.devices())
-  shape = list(shape)
-  if len(shape) != 3:
-    raise ValueError(f"mesh shape must have 3 entries (data, fsdp, tensor), got {shape}")
-  if shape.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {shape}")
-  if -1 in shape:
-    known = math.prod(s for s in shape if s != -1)
-    if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices cannot fill mesh {shape}")
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
-    raise ValueError(
-        f"mesh {tuple(shape)} needs {math.prod(shape)} devices but {len(devices)} are available; "
-        "change mesh_shape (one entry may be -1)")
-  if devices == list(jax.devices()):
-    return jax.make_mesh(tuple(shape), MESH_AXES,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-              axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    """A (data, fsdp, tensor) mesh. One entry may be -1: it takes the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = list(shape)
+    if len(shape) != 3:
+        raise ValueError(f"mesh shape must have 3 entries (data, fsdp, tensor), got {shape}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot fill mesh {shape}")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(
+            f"mesh {tuple(shape)} needs {math.prod(shape)} devices but {len(devices)} are available; "
+            "change mesh_shape (one entry may be -1)"
+        )
+    if devices == list(jax.devices()):
+        return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Mapping[str, str | tuple[str, ...] | None] | None = None) -> P:
-  """PartitionSpec for a parameter. A dimension the mesh axis does not divide is replicated
-  (e.g. 2 KV heads on a tensor axis of 4), and a mesh axis is used at most once per array."""
-  rules = DEFAULT_RULES if rules is None else rules
-  used: set[str] = set()
-  spec = []
-  for name, dim in zip(axes, shape):
-    mesh_axes = rules.get(name) if name is not None else None
-    if mesh_axes is None:
-      spec.append(None)
-      continue
-    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
-    mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
-    size = math.prod(mesh.shape[a] for a in mesh_axes)
-    if not mesh_axes or dim % size:
-      spec.append(None)
-      continue
-    used.update(mesh_axes)
-    spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
-  return P(*spec)
+def logical_to_spec(
+    axes: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Mapping[str, str | tuple[str, ...] | None] | None = None,
+) -> P:
+    """PartitionSpec for a parameter. A dimension the mesh axis does not divide is replicated
+    (e.g. 2 KV heads on a tensor axis of 4), and a mesh axis is used at most once per array."""
+    rules = DEFAULT_RULES if rules is None else rules
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape):
+        mesh_axes = rules.get(name) if name is not None else None
+        if mesh_axes is None:
+            spec.append(None)
+            continue
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+        size = math.prod(mesh.shape[a] for a in mesh_axes)
+        if not mesh_axes or dim % size:
+            spec.append(None)
+            continue
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return P(*spec)
 
 
 def _is_var(x):
-  return isinstance(x, nnx.Variable)
+    return isinstance(x, nnx.Variable)
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules=None):
-  """NamedSharding for every variable of an NNX state, from its `logical_axes` metadata."""
+    """NamedSharding for every variable of an NNX state, from its `logical_axes` metadata."""
 
-  def one(var):
-    axes = getattr(var, "logical_axes", None) or (None,) * len(var.get_value().shape)
-    return NamedSharding(mesh, logical_to_spec(axes, var.get_value().shape, mesh, rules))
+    def one(var):
+        axes = getattr(var, "logical_axes", None) or (None,) * len(var.get_value().shape)
+        return NamedSharding(mesh, logical_to_spec(axes, var.get_value().shape, mesh, rules))
 
-  return jax.tree.map(one, state, is_leaf=_is_var)
+    return jax.tree.map(one, state, is_leaf=_is_var)
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
-  """Moves a model's parameters onto the mesh by their logical axes (in place) and returns it."""
-  state = nnx.state(model)
-  shardings = state_shardings(state, mesh, rules)
-  values = jax.tree.map(lambda v: v.get_value(), state, is_leaf=_is_var)
-  placed = jax.device_put(values, jax.tree.map(lambda s: s, shardings, is_leaf=_is_var))
-  nnx.update(model, placed)
-  return model
+    """Moves a model's parameters onto the mesh by their logical axes (in place) and returns it."""
+    state = nnx.state(model)
+    shardings = state_shardings(state, mesh, rules)
+    values = jax.tree.map(lambda v: v.get_value(), state, is_leaf=_is_var)
+    placed = jax.device_put(values, jax.tree.map(lambda s: s, shardings, is_leaf=_is_var))
+    nnx.update(model, placed)
+    return model
 
 
 def batch_spec(ndim: int) -> P:
-  """Batch-major arrays: the leading axis over (data, fsdp), the rest replicated."""
-  return P(BATCH_AXES, *([None] * (ndim - 1)))
+    """Batch-major arrays: the leading axis over (data, fsdp), the rest replicated."""
+    return P(BATCH_AXES, *([None] * (ndim - 1)))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  return NamedSharding(mesh, batch_spec(ndim))
+    return NamedSharding(mesh, batch_spec(ndim))
 
 
 def shard_batch(tree, mesh: Mesh):
-  """Places every array of a host batch on the mesh, split along its leading axis."""
-  return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), tree)
+    """Places every array of a host batch on the mesh, split along its leading axis."""
+    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), tree)
 
 
-def maybe_initialize_distributed(coordinator_address: str | None = None,
-                                 num_processes: int | None = None,
-                                 process_id: int | None = None) -> bool:
-  """Starts multi-host JAX when asked to (explicit arguments, or JAX_COORDINATOR_ADDRESS /
-  TSPO_NUM_PROCESSES in the environment; on Cloud TPU the arguments are auto-detected).
-  Returns True when running with more than one process."""
-  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  if num_processes is None and os.environ.get("TSPO_NUM_PROCESSES"):
-    num_processes = int(os.environ["TSPO_NUM_PROCESSES"])
-  if process_id is None and os.environ.get("TSPO_PROCESS_ID"):
-    process_id = int(os.environ["TSPO_PROCESS_ID"])
-  on_tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
-  if coordinator_address or on_tpu_pod:
-    if not jax.distributed.is_initialized():
-      jax.distributed.initialize(coordinator_address=coordinator_address,
-                                 num_processes=num_processes, process_id=process_id)
-    log.info("jax.distributed: process %d of %d, %d local / %d global devices",
-             jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
-  return jax.process_count() > 1
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
+    """Starts multi-host JAX when asked to (explicit arguments, or JAX_COORDINATOR_ADDRESS /
+    TSPO_NUM_PROCESSES in the environment; on Cloud TPU the arguments are auto-detected).
+    Returns True when running with more than one process."""
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and os.environ.get("TSPO_NUM_PROCESSES"):
+        num_processes = int(os.environ["TSPO_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("TSPO_PROCESS_ID"):
+        process_id = int(os.environ["TSPO_PROCESS_ID"])
+    on_tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
+    if coordinator_address or on_tpu_pod:
+        if not jax.distributed.is_initialized():
+            jax.distributed.initialize(
+                coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+            )
+        log.info(
+            "jax.distributed: process %d of %d, %d local / %d global devices",
+            jax.process_index(),
+            jax.process_count(),
+            jax.local_device_count(),
+            jax.device_count(),
+        )
+    return jax.process_count() > 1

@@ -34,132 +34,149 @@ VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP_DIM = "vocab", "embed", "heads", "k
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
-  vocab_size: int
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int | None = None  # defaults to hidden_size // num_heads
-  rope_theta: float = 1_000_000.0
-  rms_norm_eps: float = 1e-6
-  tie_word_embeddings: bool = False
-  max_position_embeddings: int = 32768
-  param_dtype: str = "float32"  # storage dtype of parameters
-  dtype: str = "float32"  # compute dtype of activations and matmuls
-  remat: bool = False  # rematerialise each decoder block in the backward pass
-  bos_token_id: int | None = None
-  eos_token_id: int | list[int] | None = None
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # defaults to hidden_size // num_heads
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    param_dtype: str = "float32"  # storage dtype of parameters
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    remat: bool = False  # rematerialise each decoder block in the backward pass
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
 
-  def __post_init__(self):
-    if self.head_dim is None:
-      if self.hidden_size % self.num_heads:
-        raise ValueError(
-            f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
-            "set head_dim explicitly")
-      object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(
-          f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads} "
-          "for grouped-query attention")
-    for name in ("param_dtype", "dtype"):
-      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                    "set head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads} "
+                "for grouped-query attention"
+            )
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
 
-  def replace(self, **kw) -> "Qwen2Config":
-    return dataclasses.replace(self, **kw)
+    def replace(self, **kw) -> "Qwen2Config":
+        return dataclasses.replace(self, **kw)
 
-  @property
-  def jnp_dtype(self):
-    return jnp.dtype(self.dtype)
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
 
-  @property
-  def jnp_param_dtype(self):
-    return jnp.dtype(self.param_dtype)
+    @property
+    def jnp_param_dtype(self):
+        return jnp.dtype(self.param_dtype)
 
-  def num_params(self) -> int:
-    d, h, kv, hd, f = (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
-                       self.intermediate_size)
-    attn = d * h * hd + h * hd + 2 * (d * kv * hd + kv * hd) + h * hd * d
-    block = attn + 3 * d * f + 2 * d
-    head = 0 if self.tie_word_embeddings else d * self.vocab_size
-    return self.vocab_size * d + self.num_layers * block + d + head
+    def num_params(self) -> int:
+        d, h, kv, hd, f = (
+            self.hidden_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.intermediate_size,
+        )
+        attn = d * h * hd + h * hd + 2 * (d * kv * hd + kv * hd) + h * hd * d
+        block = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else d * self.vocab_size
+        return self.vocab_size * d + self.num_layers * block + d + head
 
-  # --- Hugging Face config.json ---------------------------------------------------------------
-  @classmethod
-  def from_hf_config(cls, config: str | os.PathLike | dict, **overrides) -> "Qwen2Config":
-    """Builds a config from an HF `config.json` (a path to it, its directory, or the dict)."""
-    if not isinstance(config, dict):
-      path = os.fspath(config)
-      if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-      if not os.path.exists(path):
-        raise FileNotFoundError(f"no config.json at {path}: pass an HF checkpoint directory")
-      with open(path) as f:
-        config = json.load(f)
-    model_type = config.get("model_type")
-    archs = config.get("architectures") or []
-    if model_type != "qwen2" and "Qwen2ForCausalLM" not in archs:
-      raise ValueError(
-          f"config is model_type={model_type!r} architectures={archs}, not a Qwen2/Qwen2.5 "
-          "causal LM (model_type 'qwen2'); this port only supports Qwen2ForCausalLM checkpoints")
-    if config.get("use_sliding_window", False):
-      raise ValueError("use_sliding_window=true is not supported (Qwen2.5 checkpoints ship it off)")
-    rope_scaling = config.get("rope_scaling")
-    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
-      raise ValueError(f"rope_scaling {rope_scaling} is not supported; only default RoPE is")
-    rope_theta = config.get("rope_theta")
-    if rope_theta is None:  # transformers >= 5 nests it in rope_parameters
-      rope_theta = (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    kw = dict(
-        vocab_size=config["vocab_size"],
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_layers=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"],
-        num_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
-        head_dim=config.get("head_dim"),
-        rope_theta=float(rope_theta),
-        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=config.get("tie_word_embeddings", False),
-        max_position_embeddings=config.get("max_position_embeddings", 32768),
-        bos_token_id=config.get("bos_token_id"),
-        eos_token_id=config.get("eos_token_id"),
-    )
-    kw.update(overrides)
-    return cls(**kw)
+    # --- Hugging Face config.json ---------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, config: str | os.PathLike | dict, **overrides) -> "Qwen2Config":
+        """Builds a config from an HF `config.json` (a path to it, its directory, or the dict)."""
+        if not isinstance(config, dict):
+            path = os.fspath(config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no config.json at {path}: pass an HF checkpoint directory")
+            with open(path) as f:
+                config = json.load(f)
+        model_type = config.get("model_type")
+        archs = config.get("architectures") or []
+        if model_type != "qwen2" and "Qwen2ForCausalLM" not in archs:
+            raise ValueError(
+                f"config is model_type={model_type!r} architectures={archs}, not a Qwen2/Qwen2.5 "
+                "causal LM (model_type 'qwen2'); this port only supports Qwen2ForCausalLM checkpoints"
+            )
+        if config.get("use_sliding_window", False):
+            raise ValueError("use_sliding_window=true is not supported (Qwen2.5 checkpoints ship it off)")
+        rope_scaling = config.get("rope_scaling")
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
+            raise ValueError(f"rope_scaling {rope_scaling} is not supported; only default RoPE is")
+        rope_theta = config.get("rope_theta")
+        if rope_theta is None:  # transformers >= 5 nests it in rope_parameters
+            rope_theta = (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        kw = dict(
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=config["num_attention_heads"],
+            num_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
+            head_dim=config.get("head_dim"),
+            rope_theta=float(rope_theta),
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            max_position_embeddings=config.get("max_position_embeddings", 32768),
+            bos_token_id=config.get("bos_token_id"),
+            eos_token_id=config.get("eos_token_id"),
+        )
+        kw.update(overrides)
+        return cls(**kw)
 
-  def to_hf_config(self) -> dict[str, Any]:
-    cfg = {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.hidden_size,
-        "intermediate_size": self.intermediate_size,
-        "num_hidden_layers": self.num_layers,
-        "num_attention_heads": self.num_heads,
-        "num_key_value_heads": self.num_kv_heads,
-        "head_dim": self.head_dim,
-        "hidden_act": "silu",
-        "rope_theta": self.rope_theta,
-        "rms_norm_eps": self.rms_norm_eps,
-        "tie_word_embeddings": self.tie_word_embeddings,
-        "max_position_embeddings": self.max_position_embeddings,
-        "attention_dropout": 0.0,
-        "use_sliding_window": False,
-        "torch_dtype": self.param_dtype,
-    }
-    if self.bos_token_id is not None:
-      cfg["bos_token_id"] = self.bos_token_id
-    if self.eos_token_id is not None:
-      cfg["eos_token_id"] = self.eos_token_id
-    return cfg
+    def to_hf_config(self) -> dict[str, Any]:
+        cfg = {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_dropout": 0.0,
+            "use_sliding_window": False,
+            "torch_dtype": self.param_dtype,
+        }
+        if self.bos_token_id is not None:
+            cfg["bos_token_id"] = self.bos_token_id
+        if self.eos_token_id is not None:
+            cfg["eos_token_id"] = self.eos_token_id
+        return cfg
 
 
 def _preset(vocab, hidden, inter, layers, heads, kv, tie, eps=1e-6):
-  return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
-                     num_heads=heads, num_kv_heads=kv, tie_word_embeddings=tie, rms_norm_eps=eps,
-                     bos_token_id=151643, eos_token_id=151645)
+    return Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv,
+        tie_word_embeddings=tie,
+        rms_norm_eps=eps,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    )
 
 
 # Shapes of the released Qwen2.5 models. For a real checkpoint prefer from_hf_config(config.json),
@@ -176,228 +193,240 @@ PRESETS: dict[str, Qwen2Config] = {
 
 
 def preset(name: str, **overrides) -> Qwen2Config:
-  if name not in PRESETS:
-    raise ValueError(f"unknown Qwen2.5 preset {name!r}; choose one of {sorted(PRESETS)}")
-  return PRESETS[name].replace(**overrides)
+    if name not in PRESETS:
+        raise ValueError(f"unknown Qwen2.5 preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
 
 
 # --- KV cache -------------------------------------------------------------------------------------
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  k: jax.Array
-  v: jax.Array
-  valid: jax.Array
-  index: jax.Array
-  next_pos: jax.Array
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+    next_pos: jax.Array
 
-  @classmethod
-  def init(cls, cfg: Qwen2Config, batch: int, max_len: int, dtype=None) -> "KVCache":
-    dtype = dtype or cfg.jnp_dtype
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
-               next_pos=jnp.zeros((batch,), jnp.int32))
+    @classmethod
+    def init(cls, cfg: Qwen2Config, batch: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = dtype or cfg.jnp_dtype
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch, max_len), bool),
+            index=jnp.zeros((), jnp.int32),
+            next_pos=jnp.zeros((batch,), jnp.int32),
+        )
 
-  @property
-  def max_len(self) -> int:
-    return self.k.shape[2]
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
 
 
 def block_positions(valid: jax.Array, start: jax.Array | None = None) -> jax.Array:
-  """RoPE positions for a block: real tokens count up from `start` (per row), padding repeats."""
-  valid = valid.astype(jnp.int32)
-  pos = jnp.cumsum(valid, axis=1) - 1
-  pos = jnp.maximum(pos, 0)
-  if start is not None:
-    pos = pos + start[:, None]
-  return pos
+    """RoPE positions for a block: real tokens count up from `start` (per row), padding repeats."""
+    valid = valid.astype(jnp.int32)
+    pos = jnp.cumsum(valid, axis=1) - 1
+    pos = jnp.maximum(pos, 0)
+    if start is not None:
+        pos = pos + start[:, None]
+    return pos
 
 
 # --- modules --------------------------------------------------------------------------------------
 def _param(rngs: nnx.Rngs, shape, axes, dtype, scale=0.02):
-  return nnx.Param(scale * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
+    return nnx.Param(scale * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
 
 
 class RMSNorm(nnx.Module):
-  def __init__(self, dim: int, eps: float, dtype):
-    self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=(EMBED,))
-    self.eps = eps
+    def __init__(self, dim: int, eps: float, dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=(EMBED,))
+        self.eps = eps
 
-  def __call__(self, x):
-    # HF computes the statistics in fp32 and casts back before the weight multiply.
-    dtype = x.dtype
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.scale[...].astype(dtype) * x32.astype(dtype)
+    def __call__(self, x):
+        # HF computes the statistics in fp32 and casts back before the weight multiply.
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(dtype) * x32.astype(dtype)
 
 
 def rope(x, positions, theta: float):
-  """Rotary embedding, HF rotate-half convention. x: [B, T, H, D], positions: [B, T]."""
-  d = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-  cos = jnp.cos(freqs)[:, :, None, :]
-  sin = jnp.sin(freqs)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+    """Rotary embedding, HF rotate-half convention. x: [B, T, H, D], positions: [B, T]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(freqs)[:, :, None, :]
+    sin = jnp.sin(freqs)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
-    d, h, kv, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_param_dtype
-    self.cfg = cfg
-    self.q_kernel = _param(rngs, (d, h, hd), (EMBED, HEADS, HEAD_DIM), pd)
-    self.q_bias = _param(rngs, (h, hd), (HEADS, HEAD_DIM), pd)
-    self.k_kernel = _param(rngs, (d, kv, hd), (EMBED, KV_HEADS, HEAD_DIM), pd)
-    self.k_bias = _param(rngs, (kv, hd), (KV_HEADS, HEAD_DIM), pd)
-    self.v_kernel = _param(rngs, (d, kv, hd), (EMBED, KV_HEADS, HEAD_DIM), pd)
-    self.v_bias = _param(rngs, (kv, hd), (KV_HEADS, HEAD_DIM), pd)
-    self.o_kernel = _param(rngs, (h, hd, d), (HEADS, HEAD_DIM, EMBED), pd)
+    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
+        d, h, kv, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_param_dtype
+        self.cfg = cfg
+        self.q_kernel = _param(rngs, (d, h, hd), (EMBED, HEADS, HEAD_DIM), pd)
+        self.q_bias = _param(rngs, (h, hd), (HEADS, HEAD_DIM), pd)
+        self.k_kernel = _param(rngs, (d, kv, hd), (EMBED, KV_HEADS, HEAD_DIM), pd)
+        self.k_bias = _param(rngs, (kv, hd), (KV_HEADS, HEAD_DIM), pd)
+        self.v_kernel = _param(rngs, (d, kv, hd), (EMBED, KV_HEADS, HEAD_DIM), pd)
+        self.v_bias = _param(rngs, (kv, hd), (KV_HEADS, HEAD_DIM), pd)
+        self.o_kernel = _param(rngs, (h, hd, d), (HEADS, HEAD_DIM, EMBED), pd)
 
-  def __call__(self, x, positions, kv_update, attn_mask):
-    """x: [B, C, D]. kv_update maps this block's (k, v) [B, C, KV, HD] to the keys and values to
-    attend over (the cache after writing the block), or is None to attend within the block.
-    attn_mask: [B, C, S] bool over those keys."""
-    cfg, dt = self.cfg, x.dtype
-    q = jnp.einsum("bcd,dhk->bchk", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
-    k = jnp.einsum("bcd,dhk->bchk", x, self.k_kernel[...].astype(dt)) + self.k_bias[...].astype(dt)
-    v = jnp.einsum("bcd,dhk->bchk", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(dt)
-    q = rope(q, positions, cfg.rope_theta)
-    k = rope(k, positions, cfg.rope_theta)
-    keys, values = (k, v) if kv_update is None else kv_update(k, v)
-    keys, values = keys.astype(dt), values.astype(dt)
-    b, c = x.shape[:2]
-    groups = cfg.num_heads // cfg.num_kv_heads
-    # Grouped-query attention without materialising repeated K/V: split query heads by KV head.
-    q = q.reshape(b, c, cfg.num_kv_heads, groups, cfg.head_dim)
-    scores = jnp.einsum("bckgd,bskd->bkgcs", q, keys).astype(jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim))
-    scores = jnp.where(attn_mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgcs,bskd->bckgd", probs, values).reshape(b, c, cfg.num_heads, cfg.head_dim)
-    return jnp.einsum("bchk,hkd->bcd", out, self.o_kernel[...].astype(dt))
+    def __call__(self, x, positions, kv_update, attn_mask):
+        """x: [B, C, D]. kv_update maps this block's (k, v) [B, C, KV, HD] to the keys and values to
+        attend over (the cache after writing the block), or is None to attend within the block.
+        attn_mask: [B, C, S] bool over those keys."""
+        cfg, dt = self.cfg, x.dtype
+        q = jnp.einsum("bcd,dhk->bchk", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
+        k = jnp.einsum("bcd,dhk->bchk", x, self.k_kernel[...].astype(dt)) + self.k_bias[...].astype(dt)
+        v = jnp.einsum("bcd,dhk->bchk", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(dt)
+        q = rope(q, positions, cfg.rope_theta)
+        k = rope(k, positions, cfg.rope_theta)
+        keys, values = (k, v) if kv_update is None else kv_update(k, v)
+        keys, values = keys.astype(dt), values.astype(dt)
+        b, c = x.shape[:2]
+        groups = cfg.num_heads // cfg.num_kv_heads
+        # Grouped-query attention without materialising repeated K/V: split query heads by KV head.
+        q = q.reshape(b, c, cfg.num_kv_heads, groups, cfg.head_dim)
+        scores = jnp.einsum("bckgd,bskd->bkgcs", q, keys).astype(jnp.float32)
+        scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim))
+        scores = jnp.where(attn_mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgcs,bskd->bckgd", probs, values).reshape(b, c, cfg.num_heads, cfg.head_dim)
+        return jnp.einsum("bchk,hkd->bcd", out, self.o_kernel[...].astype(dt))
 
 
 class MLP(nnx.Module):
-  def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
-    d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_param_dtype
-    self.gate_kernel = _param(rngs, (d, f), (EMBED, MLP_DIM), pd)
-    self.up_kernel = _param(rngs, (d, f), (EMBED, MLP_DIM), pd)
-    self.down_kernel = _param(rngs, (f, d), (MLP_DIM, EMBED), pd)
+    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
+        d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_param_dtype
+        self.gate_kernel = _param(rngs, (d, f), (EMBED, MLP_DIM), pd)
+        self.up_kernel = _param(rngs, (d, f), (EMBED, MLP_DIM), pd)
+        self.down_kernel = _param(rngs, (f, d), (MLP_DIM, EMBED), pd)
 
-  def __call__(self, x):
-    dt = x.dtype
-    gate = x @ self.gate_kernel[...].astype(dt)
-    up = x @ self.up_kernel[...].astype(dt)
-    return (jax.nn.silu(gate) * up) @ self.down_kernel[...].astype(dt)
+    def __call__(self, x):
+        dt = x.dtype
+        gate = x @ self.gate_kernel[...].astype(dt)
+        up = x @ self.up_kernel[...].astype(dt)
+        return (jax.nn.silu(gate) * up) @ self.down_kernel[...].astype(dt)
 
 
 class DecoderBlock(nnx.Module):
-  def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
-    self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype)
-    self.attn = Attention(cfg, rngs)
-    self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype)
-    self.mlp = MLP(cfg, rngs)
+    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype)
+        self.attn = Attention(cfg, rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype)
+        self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, kv_update, attn_mask):
-    x = x + self.attn(self.input_norm(x), positions, kv_update, attn_mask)
-    return x + self.mlp(self.post_attn_norm(x))
+    def __call__(self, x, positions, kv_update, attn_mask):
+        x = x + self.attn(self.input_norm(x), positions, kv_update, attn_mask)
+        return x + self.mlp(self.post_attn_norm(x))
 
 
 class Qwen2(nnx.Module):
-  """The causal LM. Call with a block of tokens; see the module docstring for the cache contract."""
+    """The causal LM. Call with a block of tokens; see the module docstring for the cache contract."""
 
-  def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
-    self.cfg = cfg
-    pd = cfg.jnp_param_dtype
-    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), (VOCAB, EMBED), pd)
-    self.layers = nnx.List([DecoderBlock(cfg, rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
-    if not cfg.tie_word_embeddings:
-      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), (EMBED, VOCAB), pd)
+    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = cfg.jnp_param_dtype
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), (VOCAB, EMBED), pd)
+        self.layers = nnx.List([DecoderBlock(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), (EMBED, VOCAB), pd)
 
-  def lm_head_kernel(self) -> jax.Array:
-    """The [embed, vocab] output projection (the transposed embedding when tied)."""
-    if self.cfg.tie_word_embeddings:
-      return self.embed[...].T
-    return self.lm_head[...]
+    def lm_head_kernel(self) -> jax.Array:
+        """The [embed, vocab] output projection (the transposed embedding when tied)."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed[...].T
+        return self.lm_head[...]
 
-  def __call__(self, tokens, valid=None, positions=None, cache: KVCache | None = None,
-               return_hidden: bool = False):
-    """tokens, valid, positions: [B, C]. Returns (logits [B, C, V] or final hidden [B, C, D], cache).
+    def __call__(
+        self, tokens, valid=None, positions=None, cache: KVCache | None = None, return_hidden: bool = False
+    ):
+        """tokens, valid, positions: [B, C]. Returns (logits [B, C, V] or final hidden [B, C, D], cache).
 
-    Without a cache the block attends causally within itself (training / scoring). With a cache
-    the block is written at slots [cache.index, cache.index + C) and attends to every valid slot
-    up to its own; `positions` default to continuing each row's count from `cache.next_pos`.
-    """
-    cfg = self.cfg
-    b, c = tokens.shape
-    if valid is None:
-      valid = jnp.ones((b, c), bool)
-    valid = valid.astype(bool)
-    if positions is None:
-      positions = block_positions(valid, None if cache is None else cache.next_pos)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)
+        Without a cache the block attends causally within itself (training / scoring). With a cache
+        the block is written at slots [cache.index, cache.index + C) and attends to every valid slot
+        up to its own; `positions` default to continuing each row's count from `cache.next_pos`.
+        """
+        cfg = self.cfg
+        b, c = tokens.shape
+        if valid is None:
+            valid = jnp.ones((b, c), bool)
+        valid = valid.astype(bool)
+        if positions is None:
+            positions = block_positions(valid, None if cache is None else cache.next_pos)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)
 
-    if cache is None:
-      causal = jnp.tril(jnp.ones((c, c), bool))
-      attn_mask = causal[None] & valid[:, None, :]
-      new_valid = None
-    else:
-      s = cache.max_len
-      new_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, axis=1)
-      slot = jnp.arange(s)
-      query_slot = cache.index + jnp.arange(c)
-      causal = slot[None, :] <= query_slot[:, None]  # [C, S]
-      attn_mask = causal[None] & new_valid[:, None, :]
+        if cache is None:
+            causal = jnp.tril(jnp.ones((c, c), bool))
+            attn_mask = causal[None] & valid[:, None, :]
+            new_valid = None
+        else:
+            s = cache.max_len
+            new_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, axis=1)
+            slot = jnp.arange(s)
+            query_slot = cache.index + jnp.arange(c)
+            causal = slot[None, :] <= query_slot[:, None]  # [C, S]
+            attn_mask = causal[None] & new_valid[:, None, :]
 
-    if cache is None:
-      block_fn = _remat_block if cfg.remat else _call_block
-      for layer in self.layers:
-        x = block_fn(layer, x, positions, None, attn_mask)
-      out_cache = None
-    else:
-      # Write each layer's block straight into the stacked cache so a donated cache is
-      # updated in place instead of being rebuilt every step.
-      k_all, v_all = cache.k, cache.v
-      for i, layer in enumerate(self.layers):
-        def kv_update(k, v, i=i):
-          nonlocal k_all, v_all
-          start = (i, 0, cache.index, 0, 0)
-          k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-          v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-          return k_all[i], v_all[i]
-        x = layer(x, positions, kv_update, attn_mask)
-      out_cache = KVCache(k=k_all, v=v_all, valid=new_valid, index=cache.index + c,
-                          next_pos=cache.next_pos + valid.sum(axis=1).astype(jnp.int32))
-    x = self.final_norm(x)
-    if return_hidden:
-      return x, out_cache
-    logits = x @ self.lm_head_kernel().astype(x.dtype)
-    return logits, out_cache
+        if cache is None:
+            block_fn = _remat_block if cfg.remat else _call_block
+            for layer in self.layers:
+                x = block_fn(layer, x, positions, None, attn_mask)
+            out_cache = None
+        else:
+            # Write each layer's block straight into the stacked cache so a donated cache is
+            # updated in place instead of being rebuilt every step.
+            k_all, v_all = cache.k, cache.v
+            for i, layer in enumerate(self.layers):
+
+                def kv_update(k, v, i=i):
+                    nonlocal k_all, v_all
+                    start = (i, 0, cache.index, 0, 0)
+                    k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+                    v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+                    return k_all[i], v_all[i]
+
+                x = layer(x, positions, kv_update, attn_mask)
+            out_cache = KVCache(
+                k=k_all,
+                v=v_all,
+                valid=new_valid,
+                index=cache.index + c,
+                next_pos=cache.next_pos + valid.sum(axis=1).astype(jnp.int32),
+            )
+        x = self.final_norm(x)
+        if return_hidden:
+            return x, out_cache
+        logits = x @ self.lm_head_kernel().astype(x.dtype)
+        return logits, out_cache
 
 
 def _call_block(layer, x, positions, kv_update, attn_mask):
-  return layer(x, positions, kv_update, attn_mask)
+    return layer(x, positions, kv_update, attn_mask)
 
 
 @nnx.remat
 def _remat_block(layer, x, positions, kv_update, attn_mask):
-  return layer(x, positions, kv_update, attn_mask)
+    return layer(x, positions, kv_update, attn_mask)
 
 
 def init_model(cfg: Qwen2Config, seed: int = 0) -> Qwen2:
-  return Qwen2(cfg, nnx.Rngs(params=seed))
+    return Qwen2(cfg, nnx.Rngs(params=seed))
 
 
 def abstract_model(cfg: Qwen2Config) -> Qwen2:
-  """The model's structure with ShapeDtypeStruct leaves: no memory is allocated."""
-  return nnx.eval_shape(lambda: Qwen2(cfg, nnx.Rngs(params=0)))
+    """The model's structure with ShapeDtypeStruct leaves: no memory is allocated."""
+    return nnx.eval_shape(lambda: Qwen2(cfg, nnx.Rngs(params=0)))
 
 
 def apply(graphdef: nnx.GraphDef, state: nnx.State, *args, **kwargs):
-  """Functional call for jitted code: the model is rebuilt from (graphdef, state) inside the trace,
-  so the state can be a traced, sharded, donated argument."""
-  return nnx.merge(graphdef, state)(*args, **kwargs)
+    """Functional call for jitted code: the model is rebuilt from (graphdef, state) inside the trace,
+    so the state can be a traced, sharded, donated argument."""
+    return nnx.merge(graphdef, state)(*args, **kwargs)
