@@ -367,7 +367,12 @@ def build_checkpoint(out_dir: pathlib.Path | str | None = None, *,
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    checks = convert_gguf(gguf_path, staging, log)
+    try:
+        checks = convert_gguf(gguf_path, staging, log)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        log(f"conversion failed; the verified GGUF stays at {gguf_path} for the next run")
+        raise
     marker = {"gguf_sha256": expected_sha256, "gguf_size": expected_size,
               "gguf_pieces": [p.package for p in pieces], **checks}
     (staging / MARKER_FILENAME).write_text(json.dumps(marker, indent=2) + "\n")
