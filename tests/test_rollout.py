@@ -1,0 +1,212 @@
+"""Multi-turn search episodes through the real sampler, KV cache, tokenizer and MiniLM retriever.
+
+A scripted Qwen2 (tests/scripted_model.py) makes the policy's moves deterministic, so every
+episode's structure is known exactly; its small random layers keep each logprob dependent on the
+whole context, so interrupt/resume on the cache is checked against re-prefilling from scratch.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from scripted_model import scripted_model, successor_map
+from tspo_jax import rollout, sampling
+from tspo_jax.demo_task import demo_paths
+from tspo_jax.retrieval import HttpRetriever, RetrieverError, format_docs
+from tspo_jax.retrieval.build_index import build_index
+from tspo_jax.retrieval.local import LocalRetriever
+from tspo_jax.tokenizer import load_tokenizer
+
+# Scripts whose tokens each have one successor (successor_map checks it); the questions end in
+# distinct tokens, so each row's first move is chosen by its question.
+SEARCH_TURN = "<think>find</think><search>Dravel</search>"
+ANSWER_TURN = "<answer>Oskaria</answer>"
+Q_SEARCH, Q_ANSWER, Q_INVALID = "Where is Dravel? city", "Capital of Oskaria? country", "What now? born"
+INVALID_TURN = " painter"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(demo_paths()["tokenizer"])
+
+
+@pytest.fixture(scope="module")
+def retriever(tmp_path_factory):
+    d = tmp_path_factory.mktemp("idx")
+    corpus = d / "corpus.jsonl"
+    lines = [l for l in open(demo_paths()["corpus"])][:40]
+    corpus.write_text("".join(lines))
+    build_index(str(corpus), str(d / "index"), mode="exact", progress=False)
+    r = LocalRetriever(str(d / "index"))
+    yield r
+    r.close()
+
+
+def _cfg(**kw):
+    base = dict(
+        max_turns=2,
+        max_response_length=24,
+        max_obs_length=64,
+        topk=2,
+        greedy=True,
+        template="{question}",
+        use_chat_template=False,
+    )
+    base.update(kw)
+    return rollout.RolloutConfig(**base)
+
+
+def _runner(tok, retriever, after_obs: str, cfg, seed=0):
+    enc = tok.encode
+    obs_end = rollout.observation_ids(tok, "x", 64)[-1]
+    invalid_end = enc(rollout.INVALID_ACTION_MESSAGE)[-1]
+    chains = [
+        [enc(Q_SEARCH)[-1]] + enc(SEARCH_TURN),
+        [enc(Q_ANSWER)[-1]] + enc(ANSWER_TURN),
+        [enc(Q_INVALID)[-1]] + enc(INVALID_TURN) + [tok.eos_id],
+        [obs_end] + enc(after_obs),
+        [invalid_end] + enc(ANSWER_TURN),
+    ]
+    model = scripted_model(tok.vocab_size, successor_map(chains), seed=seed)
+    graphdef, state = nnx.split(model)
+    smp = sampling.Sampler(
+        graphdef,
+        model.cfg,
+        eos_ids=[tok.eos_id],
+        pad_id=tok.pad_id,
+        stop_strings=rollout.STOP_STRINGS,
+        token_bytes=tok.token_bytes,
+    )
+    return rollout.EpisodeRunner(smp, tok, retriever, cfg), state
+
+
+def test_search_then_answer_episode_is_exact(tok, retriever):
+    runner, state = _runner(tok, retriever, ANSWER_TURN, _cfg())
+    eps = runner.run(state, [Q_SEARCH, Q_ANSWER, Q_INVALID], uids=["s", "a", "i"], n=2)
+    assert [e.uid for e in eps] == ["s", "s", "a", "a", "i", "i"]
+    assert [e.group for e in eps] == [0, 0, 1, 1, 2, 2]
+    s, a, inv = eps[0], eps[2], eps[4]
+
+    # Row that searched: turn 0 searches "Dravel", gets the docs, turn 1 answers.
+    assert [t.action for t in s.turns] == ["search", "answer"]
+    assert s.turns[0].query == "Dravel" and s.answer == "Oskaria" and s.stop_reason == "answer"
+    docs = retriever.search(["Dravel"], 2)[0]
+    assert [d.id for d in s.turns[0].docs] == [d.id for d in docs]
+    obs = rollout.observation_ids(tok, format_docs(docs), 64)
+    prompt = tok.encode(Q_SEARCH)
+    expect = prompt + tok.encode(SEARCH_TURN) + obs + tok.encode(ANSWER_TURN)
+    assert s.tokens == expect
+    p0, p1 = s.turns[0].policy_span, s.turns[1].policy_span
+    o0 = s.turns[0].obs_span
+    assert p0 == (len(prompt), len(prompt) + len(tok.encode(SEARCH_TURN)))
+    assert o0 == (p0[1], p0[1] + len(obs)) and p1[0] == o0[1] and p1[1] == len(expect)
+    assert s.loss_mask == [0] * len(prompt) + [1] * (p0[1] - p0[0]) + [0] * len(obs) + [1] * (p1[1] - p1[0])
+    assert s.turn_ids == [-1] * len(prompt) + [0] * (o0[1] - p0[0]) + [1] * (p1[1] - p1[0])
+    assert all(lp < 0 for lp, m in zip(s.logprobs, s.loss_mask) if m)
+    assert all(lp == 0 for lp, m in zip(s.logprobs, s.loss_mask) if not m)
+    assert s.turns[0].observation == tok.decode(obs)
+    assert s.response_text.startswith(SEARCH_TURN + "\n\n<information>Doc 1(Title: ")
+
+    # Row that answered at once.
+    assert [t.action for t in a.turns] == ["answer"] and a.answer == "Oskaria"
+    assert a.tokens == tok.encode(Q_ANSWER) + tok.encode(ANSWER_TURN)
+
+    # Row that stopped on EOS without an action: the invalid-action message, then it answers.
+    assert [t.action for t in inv.turns] == ["invalid", "answer"]
+    assert inv.turns[0].stop == "eos" and inv.turns[0].observation == rollout.INVALID_ACTION_MESSAGE
+    assert inv.tokens == (
+        tok.encode(Q_INVALID)
+        + tok.encode(INVALID_TURN)
+        + [tok.eos_id]
+        + tok.encode(rollout.INVALID_ACTION_MESSAGE)
+        + tok.encode(ANSWER_TURN)
+    )
+    assert eps[1].tokens == s.tokens and eps[3].tokens == a.tokens  # greedy rows of a group agree
+
+
+def test_interrupt_resume_equals_reprefill_from_scratch(tok, retriever):
+    """Every turn searches until max_turns; the last turn (search disabled) ends the episode."""
+    cache_runner, state = _runner(tok, retriever, SEARCH_TURN, _cfg(max_turns=3))
+    naive_runner, _ = _runner(tok, retriever, SEARCH_TURN, _cfg(max_turns=3, resume="reprefill"))
+    qs = [Q_SEARCH, Q_ANSWER, Q_INVALID]
+    a = cache_runner.run(state, qs, n=1)
+    b = naive_runner.run(state, qs, n=1)
+    s = a[0]
+    assert [t.action for t in s.turns] == ["search", "search", "search", "search_disabled"]
+    assert s.stop_reason == "max_turns" and s.answer is None
+    assert sum(t.obs_span is not None for t in s.turns) == 3
+    for x, y in zip(a, b):
+        assert x.tokens == y.tokens and x.loss_mask == y.loss_mask and x.turn_ids == y.turn_ids
+        assert np.abs(np.asarray(x.logprobs) - np.asarray(y.logprobs)).max() <= 1e-4
+        assert [t.action for t in x.turns] == [t.action for t in y.turns]
+
+
+def test_sampled_episode_logprobs_match_a_recomputed_forward(tok, retriever):
+    runner, state = _runner(tok, retriever, ANSWER_TURN, _cfg(greedy=False, temperature=1.0))
+    eps = runner.run(state, [Q_SEARCH, Q_ANSWER], n=3, seed=7)
+    model = nnx.merge(runner.sampler.graphdef, state)
+    for ep in eps:
+        logits, _ = model(np.asarray([ep.tokens]))
+        logp = jax.nn.log_softmax(logits[0], axis=-1)
+        idx = [i for i, m in enumerate(ep.loss_mask) if m]
+        ref = np.asarray(logp[np.asarray(idx) - 1, np.asarray(ep.tokens)[idx]])
+        assert np.abs(np.asarray(ep.logprobs)[idx] - ref).max() <= 1e-4
+
+
+def test_observation_truncated_to_max_obs_length(tok, retriever):
+    runner, state = _runner(tok, retriever, ANSWER_TURN, _cfg(max_obs_length=20))
+    ep = runner.run(state, [Q_SEARCH])[0]
+    a, b = ep.turns[0].obs_span
+    assert b - a == 20
+    assert tok.decode(ep.tokens[a:b]).endswith("</information>\n\n")
+
+
+def test_context_overflow_ends_the_episode(tok, retriever):
+    runner, state = _runner(tok, retriever, SEARCH_TURN, _cfg(max_turns=4, max_context_length=128))
+    eps = runner.run(state, [Q_SEARCH, Q_ANSWER])
+    assert eps[0].stop_reason == "context"
+    assert len(eps[0].tokens) <= 128
+    assert eps[1].stop_reason == "answer"
+
+
+def test_dead_retriever_is_a_clear_failure_or_an_error_observation(tok):
+    dead = HttpRetriever("http://127.0.0.1:9", timeout_s=0.5, retries=0)
+    runner, state = _runner(tok, dead, ANSWER_TURN, _cfg())
+    with pytest.raises(RetrieverError, match="127.0.0.1:9"):
+        runner.run(state, [Q_SEARCH])
+    runner, state = _runner(tok, dead, ANSWER_TURN, _cfg(on_retriever_error="observe"))
+    ep = runner.run(state, [Q_SEARCH])[0]
+    assert "Search failed" in ep.turns[0].observation and ep.answer == "Oskaria"
+
+
+@pytest.mark.parametrize(
+    "text,expect",
+    [
+        ("<think>x</think><search> who is X </search>", ("search", "who is X")),
+        ("<search> a <search> b </search>", ("search", "b")),  # nested: the innermost
+        ("<search>   </search>", ("invalid", None)),  # empty query
+        ("no opening tag </search>", ("invalid", None)),
+        ("<answer> 42 </answer>", ("answer", "42")),
+        ("<search> q </search> then <answer> x </answer>", ("search", "q")),  # the tag that stopped the turn
+        ("<answer> never closed", ("invalid", None)),
+        ("", ("invalid", None)),
+    ],
+)
+def test_parse_action(text, expect):
+    assert rollout.parse_action(text) == expect
+
+
+def test_long_query_is_cut_before_retrieval():
+    action, q = rollout.parse_action("<search> " + "word " * 2000 + "</search>")
+    assert action == "search" and len(q) > 9000
+    assert len(q[: rollout.MAX_QUERY_CHARS]) == rollout.MAX_QUERY_CHARS
+
+
+def test_bad_rollout_config():
+    with pytest.raises(ValueError, match="resume must be"):
+        rollout.RolloutConfig(resume="sometimes")
+    with pytest.raises(ValueError, match=r"\{question\}"):
+        rollout.RolloutConfig(template="no placeholder")
