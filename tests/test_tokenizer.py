@@ -265,6 +265,7 @@ def checkpoint_tokenizers(checkpoint_dir):
     return tk.load_tokenizer(checkpoint_dir), AutoTokenizer.from_pretrained(checkpoint_dir)
 
 
+@pytest.mark.real_checkpoint
 @FUZZ
 @given(text=texts)
 def test_checkpoint_tokenizer_gives_identical_ids(qwen, checkpoint_tokenizers, text):
@@ -274,6 +275,7 @@ def test_checkpoint_tokenizer_gives_identical_ids(qwen, checkpoint_tokenizers, t
     assert hf(text, add_special_tokens=False)["input_ids"] == ids
 
 
+@pytest.mark.real_checkpoint
 def test_checkpoint_tokenizer_has_the_same_vocabulary(qwen, checkpoint_dir, checkpoint_tokenizers):
     ours, _ = checkpoint_tokenizers
     built = json.loads(qwen.backend.to_str())
@@ -291,6 +293,7 @@ def test_checkpoint_tokenizer_has_the_same_vocabulary(qwen, checkpoint_dir, chec
     assert ours.token_bytes == qwen.token_bytes
 
 
+@pytest.mark.real_checkpoint
 def test_checkpoint_chat_template_is_qwen25s(qwen, checkpoint_tokenizers):
     ours, hf = checkpoint_tokenizers
     assert ours.chat_template == hf.chat_template == tk.QWEN25_CHAT_TEMPLATE
@@ -301,6 +304,7 @@ def test_checkpoint_chat_template_is_qwen25s(qwen, checkpoint_tokenizers):
             assert ours.apply_chat_template(messages, **extra) == expected
 
 
+@pytest.mark.real_checkpoint
 def test_random_id_sequences_decode_like_the_checkpoint(qwen, checkpoint_tokenizers):
     ours, hf = checkpoint_tokenizers
     rng = random.Random(0)

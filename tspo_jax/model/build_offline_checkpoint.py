@@ -245,15 +245,16 @@ def _clean_qwen2_config(gguf_config):
     return Qwen2Config(**values, architectures=["Qwen2ForCausalLM"], dtype="float32")
 
 
-def _spot_check_dequantisation(gguf_path: pathlib.Path, state_dict, log: Log) -> None:
+def _spot_check_dequantisation(gguf_path: pathlib.Path, state_dict, num_layers: int, log: Log) -> None:
     """Compares a few tensors against gguf's own dequantiser, to catch a wrong name mapping."""
     import numpy as np
     from gguf import GGUFReader, dequantize
 
+    last = num_layers - 1
     pairs = {"token_embd.weight": "model.embed_tokens.weight",
              "output.weight": "lm_head.weight",
              "blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
-             "blk.23.ffn_down.weight": "model.layers.23.mlp.down_proj.weight"}
+             f"blk.{last}.ffn_down.weight": f"model.layers.{last}.mlp.down_proj.weight"}
     reader = GGUFReader(gguf_path)
     tensors = {t.name: t for t in reader.tensors if t.name in pairs}
     for gguf_name, hf_name in pairs.items():
@@ -295,7 +296,7 @@ def convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path, log: Log = prin
     model.load_state_dict(weights, strict=True)
     del weights
     gc.collect()
-    _spot_check_dequantisation(gguf_path, model.state_dict(), log)
+    _spot_check_dequantisation(gguf_path, model.state_dict(), config.num_hidden_layers, log)
 
     endoftext = gguf_tokenizer.convert_tokens_to_ids("<|endoftext|>")
     im_end = gguf_tokenizer.convert_tokens_to_ids("<|im_end|>")
