@@ -20,6 +20,7 @@ from tspo_jax.model import encoder as encoder_lib
 from tspo_jax.retrieval import Doc, HttpRetriever, RetrieverError, format_docs, make_retriever
 from tspo_jax.retrieval import index as index_lib
 from tspo_jax.retrieval.build_index import build_index
+from tspo_jax.retrieval.build_index import main as build_index_main
 from tspo_jax.retrieval.corpus import Corpus, iter_passages
 from tspo_jax.retrieval.local import LocalRetriever
 from tspo_jax.retrieval.server import RetrievalServer
@@ -195,7 +196,7 @@ def test_corpus_errors_name_the_line(tmp_path):
 
 # ----------------------------------------------------------------------------- vector indexes
 
-def test_exact_index_equals_brute_force():
+def test_exact_index_equals_brute_force(tmp_path):
     rng = np.random.default_rng(0)
     db, queries = rng.normal(size=(1000, 24)).astype(np.float32), rng.normal(size=(37, 24)).astype(np.float32)
     index = index_lib.ExactIndex(db, block=300)  # several blocks: exercises the running top-k merge
@@ -205,6 +206,9 @@ def test_exact_index_equals_brute_force():
         np.testing.assert_array_equal(ids, ref_ids)
         np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-5)
         assert ids.dtype == np.int64 and scores.dtype == np.float32
+    index.save(str(tmp_path))
+    loaded = index_lib.ExactIndex.load(str(tmp_path))
+    np.testing.assert_array_equal(loaded.search(queries, 10)[0], index.search(queries, 10)[0])
     with pytest.raises(ValueError, match="k must be in"):
         index.search(queries, 1001)
     with pytest.raises(ValueError, match="k must be in"):
@@ -287,18 +291,22 @@ def test_local_scores_are_brute_force_over_the_encoder(minilm_index, local):
     np.testing.assert_allclose([d.score for d in docs], ref_scores[0], atol=1e-5)
 
 
-def test_scann_build_with_tiny_encoder(tmp_path, tiny_encoder):
+def test_scann_index_built_by_the_cli(tmp_path, tiny_encoder, capsys):
     rows = write_corpus(tmp_path / "c.jsonl", 400, 20, seed=3)
-    build_index(str(tmp_path / "c.jsonl"), str(tmp_path / "idx"), encoder=str(tiny_encoder), mode="scann",
-                batch_size=128, progress=False)
+    build_index_main([f"--corpus={tmp_path / 'c.jsonl'}", f"--out={tmp_path / 'idx'}", f"--encoder={tiny_encoder}",
+                      "--mode=scann", "--batch_size=128"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary == {"out": str(tmp_path / "idx"), "count": 400, "dim": 32, "mode": "scann"}
     assert sorted(os.listdir(tmp_path / "idx")) == ["manifest.json", "offsets.npy", "scann"]
-    retriever = make_retriever(str(tmp_path / "idx"))
-    assert isinstance(retriever, LocalRetriever) and retriever.manifest.mode == "scann"
-    picks = [0, 1, 123, 399]
-    results = retriever.search([rows[i]["contents"] for i in picks], 2)
+    manifest = index_lib.IndexManifest.load(str(tmp_path / "idx"))
+    assert (manifest.encoder, manifest.max_length, manifest.scann) == (
+        str(tiny_encoder), 64, index_lib.scann_params_for(400))
+    with make_retriever(str(tmp_path / "idx")) as retriever:
+        assert isinstance(retriever, LocalRetriever)
+        picks = [0, 1, 123, 399]
+        results = retriever.search([rows[i]["contents"] for i in picks], 2)
     assert [r[0].id for r in results] == [rows[i]["id"] for i in picks]
     assert all(abs(r[0].score - 1.0) < 1e-4 for r in results)  # identical text: cosine 1
-    retriever.close()
 
 
 def test_builder_rejects_bad_inputs(tmp_path, tiny_encoder):
@@ -358,6 +366,22 @@ def test_http_round_trip_equals_local(server, local, minilm_index):
     queries = [rows[2]["contents"].split("\n", 1)[1], "some unrelated question?", rows[1]["contents"]]
     remote = HttpRetriever(server.url, timeout_s=30, retries=0).search(queries, 4)
     assert remote == local.search(queries, 4)  # ids, titles, texts, and float scores survive JSON
+
+
+def test_concurrent_clients_get_their_own_answers(server, local, minilm_index):
+    rows = minilm_index[1]
+    queries = [rows[i]["contents"].split("\n", 1)[1] for i in range(8)]
+    answers = [None] * len(queries)
+
+    def ask(i):
+        answers[i] = HttpRetriever(server.url, timeout_s=30, retries=0).search([queries[i]], 2)[0]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(queries))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [a[0].id for a in answers] == [rows[i]["id"] for i in range(8)]
 
 
 def test_server_speaks_search_r1_json(server, local, minilm_index):

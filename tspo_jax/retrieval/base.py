@@ -55,3 +55,9 @@ class Retriever(abc.ABC):
 
     def close(self) -> None:
         """Releases resources; a no-op unless a subclass holds any."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

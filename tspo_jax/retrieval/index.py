@@ -207,11 +207,6 @@ def resolve_mode(mode: str, count: int) -> str:
     return mode
 
 
-def build_vector_index(embeddings: np.ndarray, mode: str) -> ExactIndex | ScannIndex:
-    mode = resolve_mode(mode, len(embeddings))
-    return ExactIndex(embeddings) if mode == "exact" else ScannIndex.build(embeddings)
-
-
 def load_vector_index(index_dir: str, manifest: IndexManifest) -> ExactIndex | ScannIndex:
     if manifest.mode == "exact":
         index = ExactIndex.load(index_dir)
