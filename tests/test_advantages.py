@@ -1,5 +1,6 @@
 """Advantage estimators against plain-Python references (loops over groups), torch for verl's GRPO,
 a hand-worked TSPO example, and the batch sharded over 8 fake CPU devices."""
+
 import math
 from collections import defaultdict
 
@@ -49,7 +50,9 @@ def ref_turn_advantages(name, outcome, turn_returns, turn_valid, group_ids, num_
         elif name == "rloo":
             traj = [x - (sum(r) - x) / (n - 1) for x in r] if n > 1 else r
         turns = [(b, k) for b in rows for k in range(K) if turn_valid[b, k]]
-        pooled = dict(zip(turns, ref_normalize([float(turn_returns[b, k]) for b, k in turns]))) if turns else {}
+        pooled = (
+            dict(zip(turns, ref_normalize([float(turn_returns[b, k]) for b, k in turns]))) if turns else {}
+        )
         n_right = sum(bool(correct[b]) for b in rows)
         for i, b in enumerate(rows):
             for k in range(K):
@@ -149,13 +152,27 @@ def batches(draw):
                 turn_ids[b, t] = k
                 t += 1
     return dict(
-        outcome=outcome, turn_returns=turn_returns, turn_valid=turn_valid, first_occurrence=first_occ,
-        group_ids=group_ids, turn_ids=turn_ids, loss_mask=loss_mask, correct=correct,
+        outcome=outcome,
+        turn_returns=turn_returns,
+        turn_valid=turn_valid,
+        first_occurrence=first_occ,
+        group_ids=group_ids,
+        turn_ids=turn_ids,
+        loss_mask=loss_mask,
+        correct=correct,
     )
 
 
-DTYPES = dict(outcome=np.float32, turn_returns=np.float32, turn_valid=bool, first_occurrence=np.int32,
-              group_ids=np.int32, turn_ids=np.int32, loss_mask=np.float32, correct=bool)
+DTYPES = dict(
+    outcome=np.float32,
+    turn_returns=np.float32,
+    turn_valid=bool,
+    first_occurrence=np.int32,
+    group_ids=np.int32,
+    turn_ids=np.int32,
+    loss_mask=np.float32,
+    correct=bool,
+)
 
 
 def pad(batch):
@@ -195,14 +212,23 @@ def test_estimators_match_reference(batch):
     for name in NAMES:
         token_adv, metrics = run(name, batch)
         correct = batch["correct"]
-        turn_adv = ref_turn_advantages(name, batch["outcome"], batch["turn_returns"], batch["turn_valid"],
-                                       batch["group_ids"], G, correct)
+        turn_adv = ref_turn_advantages(
+            name, batch["outcome"], batch["turn_returns"], batch["turn_valid"], batch["group_ids"], G, correct
+        )
         want = ref_token_advantages(turn_adv, batch["turn_ids"], batch["loss_mask"], batch["group_ids"], G)
         np.testing.assert_allclose(token_adv, want, rtol=1e-5, atol=1e-5, err_msg=name)
         assert token_adv.dtype == np.float32
         assert np.all(token_adv[batch["loss_mask"] == 0] == 0)
-        ref = ref_metrics(want, batch["outcome"], batch["turn_returns"], batch["turn_valid"],
-                          batch["first_occurrence"], batch["group_ids"], G, correct)
+        ref = ref_metrics(
+            want,
+            batch["outcome"],
+            batch["turn_returns"],
+            batch["turn_valid"],
+            batch["first_occurrence"],
+            batch["group_ids"],
+            G,
+            correct,
+        )
         for key, value in ref.items():
             assert metrics[key] == pytest.approx(value, abs=1e-5), (name, key)
 
@@ -221,17 +247,26 @@ def test_continuous_rewards_match_reference():
     correct = batch["outcome"] > A.CORRECT_THRESHOLD
     for name in NAMES:
         token_adv, _ = run(name, batch)
-        turn_adv = ref_turn_advantages(name, batch["outcome"], batch["turn_returns"], batch["turn_valid"],
-                                       batch["group_ids"], G, correct)
+        turn_adv = ref_turn_advantages(
+            name, batch["outcome"], batch["turn_returns"], batch["turn_valid"], batch["group_ids"], G, correct
+        )
         want = ref_token_advantages(turn_adv, batch["turn_ids"], batch["loss_mask"], batch["group_ids"], G)
         np.testing.assert_allclose(token_adv, want, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_correct_defaults_to_outcome_threshold():
     # Search-R1 v0.3 values: right 1.0 / 0.8, wrong 0.0 .. 0.3; without `correct`, outcome > 0.5 decides.
-    batch = pad(dict(outcome=[1.0, 0.8, 0.3, 0.2, 0.1, 0.0], turn_returns=np.tile([[1.0], [0.8], [0.8], [0.2], [0.6], [0.0]], 4),
-                     turn_valid=np.ones((6, 4), bool), first_occurrence=[-1, -1, 1, -1, 3, -1],
-                     group_ids=[0, 0, 1, 1, 1, 2], turn_ids=np.tile(np.arange(4), (6, 1)), loss_mask=np.ones((6, 4))))
+    batch = pad(
+        dict(
+            outcome=[1.0, 0.8, 0.3, 0.2, 0.1, 0.0],
+            turn_returns=np.tile([[1.0], [0.8], [0.8], [0.2], [0.6], [0.0]], 4),
+            turn_valid=np.ones((6, 4), bool),
+            first_occurrence=[-1, -1, 1, -1, 3, -1],
+            group_ids=[0, 0, 1, 1, 1, 2],
+            turn_ids=np.tile(np.arange(4), (6, 1)),
+            loss_mask=np.ones((6, 4)),
+        )
+    )
     given_em = run("tspo", dict(batch, correct=batch["outcome"] > 0.5))
     threshold = run("tspo/threshold", batch)
     np.testing.assert_array_equal(given_em[0], threshold[0])
@@ -264,9 +299,17 @@ def test_grpo_matches_verl_torch(sizes, rnd):
     n = len(group_ids)
     outcome = np.array([rnd.choice([0.0, 1.0]) for _ in range(n)], np.float32)
     want = verl_grpo(outcome, list(group_ids))
-    batch = pad(dict(outcome=outcome, turn_returns=np.zeros((n, K)), turn_valid=np.ones((n, K), bool),
-                     first_occurrence=np.full(n, -1), group_ids=group_ids, turn_ids=np.zeros((n, T)),
-                     loss_mask=np.ones((n, T))))
+    batch = pad(
+        dict(
+            outcome=outcome,
+            turn_returns=np.zeros((n, K)),
+            turn_valid=np.ones((n, K), bool),
+            first_occurrence=np.full(n, -1),
+            group_ids=group_ids,
+            turn_ids=np.zeros((n, T)),
+            loss_mask=np.ones((n, T)),
+        )
+    )
     token_adv, _ = run("grpo", batch)
     np.testing.assert_allclose(token_adv[:n, 0], want, rtol=1e-6, atol=1e-6)
     assert np.all(token_adv[n:] == 0)  # padding rows
@@ -274,9 +317,17 @@ def test_grpo_matches_verl_torch(sizes, rnd):
 
 def test_group_size_one_follows_verl():
     # verl gives a one-member group mean 0, std 1: grpo -> r / (1 + eps); rloo, dr_grpo -> r.
-    batch = pad(dict(outcome=[1.0, 0.0, 1.0], turn_returns=[[1.0], [0.5], [1.0]], turn_valid=np.ones((3, 1), bool),
-                     first_occurrence=[-1, 0, -1], group_ids=[0, 1, 2], turn_ids=np.zeros((3, 2)),
-                     loss_mask=np.ones((3, 2))))
+    batch = pad(
+        dict(
+            outcome=[1.0, 0.0, 1.0],
+            turn_returns=[[1.0], [0.5], [1.0]],
+            turn_valid=np.ones((3, 1), bool),
+            first_occurrence=[-1, 0, -1],
+            group_ids=[0, 1, 2],
+            turn_ids=np.zeros((3, 2)),
+            loss_mask=np.ones((3, 2)),
+        )
+    )
     np.testing.assert_allclose(run("grpo", batch)[0][:3, 0], [1 / (1 + EPS), 0.0, 1 / (1 + EPS)], rtol=1e-7)
     np.testing.assert_allclose(run("rloo", batch)[0][:3, 0], [1.0, 0.0, 1.0])
     np.testing.assert_allclose(run("dr_grpo", batch)[0][:3, 0], [1.0, 0.0, 1.0])
@@ -286,9 +337,17 @@ def test_group_size_one_follows_verl():
 
 def test_zero_std_groups_give_exact_zeros():
     # Five identical 0.8 rewards: a plain float32 mean is off by an ulp; we return exactly 0.
-    batch = pad(dict(outcome=np.full(5, 0.8), turn_returns=np.full((5, 2), 0.8), turn_valid=np.ones((5, 2), bool),
-                     first_occurrence=np.full(5, -1), group_ids=np.zeros(5), turn_ids=np.tile([0, 1], (5, 1)),
-                     loss_mask=np.ones((5, 2))))
+    batch = pad(
+        dict(
+            outcome=np.full(5, 0.8),
+            turn_returns=np.full((5, 2), 0.8),
+            turn_valid=np.ones((5, 2), bool),
+            first_occurrence=np.full(5, -1),
+            group_ids=np.zeros(5),
+            turn_ids=np.tile([0, 1], (5, 1)),
+            loss_mask=np.ones((5, 2)),
+        )
+    )
     for name in NAMES:
         token_adv, metrics = run(name, batch)
         assert np.all(token_adv == 0.0), name
@@ -305,7 +364,7 @@ def layout(turns_per_episode, searched):
     for b, turns in enumerate(turns_per_episode):
         t = 2
         for k in range(turns):
-            turn_ids[b, t:t + 2], loss_mask[b, t:t + 2] = k, 1.0
+            turn_ids[b, t : t + 2], loss_mask[b, t : t + 2] = k, 1.0
             t += 2
             if searched[b][k]:
                 turn_ids[b, t] = k
@@ -343,25 +402,53 @@ def test_hand_worked_example():
     s = "<think>I should search.</think><search>capital of Australia</search>"
     done = ("<think>ok</think>", None)
     episodes = [
-        episode([(s, info("Sydney is the largest city of Australia.")),
-                 (s, info("Canberra is the capital city of Australia.")), done], "Sydney"),
+        episode(
+            [
+                (s, info("Sydney is the largest city of Australia.")),
+                (s, info("Canberra is the capital city of Australia.")),
+                done,
+            ],
+            "Sydney",
+        ),
         episode([(s, info("Canberra, the capital, lies in the ACT.")), done], "Melbourne"),
         episode([("<think>I know this.</think>", None)], "Sydney"),
-        episode([(s, info("Perth is in Western Australia.")), (s, info("Koalas live in Australia.")), done], "Perth"),
-        episode([("<think>Canberra? Let me check.</think><search>Australia</search>", info("Australia is a country.")),
-                 done], "Sydney"),
+        episode(
+            [(s, info("Perth is in Western Australia.")), (s, info("Koalas live in Australia.")), done],
+            "Perth",
+        ),
+        episode(
+            [
+                (
+                    "<think>Canberra? Let me check.</think><search>Australia</search>",
+                    info("Australia is a country."),
+                ),
+                done,
+            ],
+            "Sydney",
+        ),
     ]
     cfg = R.default_config()
     cfg.num_turns = K  # 4 turn slots; these episodes use at most 3
     rb = R.compute_rewards(episodes, cfg)
     np.testing.assert_array_equal(rb.first_occurrence, [1, 0, -1, -1, -1])
     np.testing.assert_array_equal(rb.outcome, [0, 0, 0, 0, 0])
-    np.testing.assert_allclose(rb.turn_returns[:, :3], [[.5, .5, 0], [.5, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]])
+    np.testing.assert_allclose(
+        rb.turn_returns[:, :3], [[0.5, 0.5, 0], [0.5, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]]
+    )
 
     turn_ids, loss_mask = layout([3, 2, 1, 3, 2], [[1, 1, 0], [1, 0], [0], [1, 1, 0], [1, 0]])
-    batch = pad(dict(outcome=rb.outcome, turn_returns=rb.turn_returns, turn_valid=rb.turn_valid,
-                     first_occurrence=rb.first_occurrence, group_ids=np.zeros(5), turn_ids=turn_ids,
-                     loss_mask=loss_mask, correct=rb.em > 0))
+    batch = pad(
+        dict(
+            outcome=rb.outcome,
+            turn_returns=rb.turn_returns,
+            turn_valid=rb.turn_valid,
+            first_occurrence=rb.first_occurrence,
+            group_ids=np.zeros(5),
+            turn_ids=turn_ids,
+            loss_mask=loss_mask,
+            correct=rb.em > 0,
+        )
+    )
     grpo, grpo_metrics = run("grpo", batch)
     tspo, tspo_metrics = run("tspo", batch)
     assert np.all(grpo == 0) and grpo_metrics["adv/homogenized_group_frac"] == 1.0
@@ -398,8 +485,17 @@ def test_registry_lookup_and_custom_estimator():
         return jnp.broadcast_to(inp.first_occurrence[:, None].astype(jnp.float32), inp.turn_returns.shape)
 
     try:
-        batch = pad(dict(outcome=np.zeros(2), turn_returns=np.zeros((2, 2)), turn_valid=np.ones((2, 2), bool),
-                         first_occurrence=[1, 3], group_ids=[0, 0], turn_ids=[[0, 1], [1, K]], loss_mask=np.ones((2, 2))))
+        batch = pad(
+            dict(
+                outcome=np.zeros(2),
+                turn_returns=np.zeros((2, 2)),
+                turn_valid=np.ones((2, 2), bool),
+                first_occurrence=[1, 3],
+                group_ids=[0, 0],
+                turn_ids=[[0, 1], [1, K]],
+                loss_mask=np.ones((2, 2)),
+            )
+        )
         token_adv, metrics = A.compute_advantages("test_first_occurrence", **batch, num_groups=G)
         token_adv, metrics = np.asarray(token_adv), {k: float(v) for k, v in metrics.items()}
         np.testing.assert_array_equal(token_adv[:2, :2], [[1, 1], [3, 0]])  # turn id K is out of range -> 0
@@ -412,8 +508,15 @@ def test_registry_lookup_and_custom_estimator():
 
 def test_bad_names_shapes_and_config_raise():
     z = np.zeros
-    args = (z(4, np.float32), z((4, 2), np.float32), z((4, 2), bool), z(4, np.int32), z(4, np.int32),
-            z((4, 3), np.int32), z((4, 3), np.float32))
+    args = (
+        z(4, np.float32),
+        z((4, 2), np.float32),
+        z((4, 2), bool),
+        z(4, np.int32),
+        z(4, np.int32),
+        z((4, 3), np.int32),
+        z((4, 3), np.float32),
+    )
     with pytest.raises(ValueError, match=r"unknown advantage estimator 'bar'.*'grpo'"):
         A.compute_advantages("bar", *args, num_groups=1)
     with pytest.raises(ValueError, match="turn_ids"):
@@ -447,13 +550,23 @@ def test_sharded_batch_matches_single_device(axis_type):
     outcome = (rng.random(B) < 0.3).astype(np.float32)
     first_occ = rng.integers(-1, K, B).astype(np.int32)
     turn_valid = np.arange(K)[None] < rng.integers(1, K + 1, B)[:, None]
-    turn_returns = np.where(turn_valid, outcome[:, None] + 0.5 * (np.arange(K)[None] <= first_occ[:, None]), 0)
-    batch = dict(outcome=outcome, turn_returns=turn_returns.astype(np.float32), turn_valid=turn_valid,
-                 first_occurrence=first_occ, group_ids=rng.integers(-1, G, B).astype(np.int32),
-                 turn_ids=rng.integers(-1, K, (B, T)).astype(np.int32),
-                 loss_mask=(rng.random((B, T)) < 0.6).astype(np.float32), correct=outcome > 0.5)
+    turn_returns = np.where(
+        turn_valid, outcome[:, None] + 0.5 * (np.arange(K)[None] <= first_occ[:, None]), 0
+    )
+    batch = dict(
+        outcome=outcome,
+        turn_returns=turn_returns.astype(np.float32),
+        turn_valid=turn_valid,
+        first_occurrence=first_occ,
+        group_ids=rng.integers(-1, G, B).astype(np.int32),
+        turn_ids=rng.integers(-1, K, (B, T)).astype(np.int32),
+        loss_mask=(rng.random((B, T)) < 0.6).astype(np.float32),
+        correct=outcome > 0.5,
+    )
     mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
-    sharded = {k: jax.device_put(x, NamedSharding(mesh, P("data", *[None] * (x.ndim - 1)))) for k, x in batch.items()}
+    sharded = {
+        k: jax.device_put(x, NamedSharding(mesh, P("data", *[None] * (x.ndim - 1)))) for k, x in batch.items()
+    }
     with jax.set_mesh(mesh):
         got = EVERY_ESTIMATOR(sharded)
     for name in got:

@@ -1,5 +1,6 @@
 """Policy loss and chunked logprobs against float64 NumPy references, finite differences, and the
 batch sharded over 8 fake CPU devices."""
+
 import itertools
 
 import jax
@@ -49,11 +50,17 @@ def np_policy_loss(logp, old, ref, adv, mask, entropy, cfg):
     """PPO clip (+ dual clip) + kl_coef * KL - entropy_coef * entropy, each aggregated with cfg.agg."""
     ratio = np.exp(np.clip(logp - old, -20, 20))
     pg = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high))
-    metrics = {"actor/pg_clipfrac": np_agg((-adv * np.clip(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high)
-                                            > -adv * ratio).astype(float), mask, "token-mean")}
+    metrics = {
+        "actor/pg_clipfrac": np_agg(
+            (-adv * np.clip(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) > -adv * ratio).astype(float),
+            mask,
+            "token-mean",
+        )
+    }
     if cfg.dual_clip_c is not None:
-        metrics["actor/pg_clipfrac_lower"] = np_agg(((pg > -adv * cfg.dual_clip_c) & (adv < 0)).astype(float), mask,
-                                                    "token-mean")
+        metrics["actor/pg_clipfrac_lower"] = np_agg(
+            ((pg > -adv * cfg.dual_clip_c) & (adv < 0)).astype(float), mask, "token-mean"
+        )
         pg = np.where(adv < 0, np.minimum(pg, -adv * cfg.dual_clip_c), pg)
     pg_loss = np_agg(pg, mask, cfg.agg, cfg.seq_sum_norm_len)
     loss = pg_loss
@@ -64,13 +71,15 @@ def np_policy_loss(logp, old, ref, adv, mask, entropy, cfg):
         metrics["actor/entropy"] = np_agg(entropy, mask, "token-mean")
         if cfg.entropy_coef:
             loss = loss - cfg.entropy_coef * np_agg(entropy, mask, cfg.agg, cfg.seq_sum_norm_len)
-    metrics.update({
-        "actor/pg_loss": pg_loss,
-        "actor/approx_kl": np_agg(old - logp, mask, "token-mean"),
-        "actor/ratio_mean": np_agg(ratio, mask, "token-mean"),
-        "actor/ratio_max": ratio[mask > 0].max() if mask.any() else 0.0,
-        "actor/loss": loss,
-    })
+    metrics.update(
+        {
+            "actor/pg_loss": pg_loss,
+            "actor/approx_kl": np_agg(old - logp, mask, "token-mean"),
+            "actor/ratio_mean": np_agg(ratio, mask, "token-mean"),
+            "actor/ratio_max": ratio[mask > 0].max() if mask.any() else 0.0,
+            "actor/loss": loss,
+        }
+    )
     return loss, metrics
 
 
@@ -112,12 +121,17 @@ def test_chunked_logprobs_match_reference():
     w = rng.normal(0, 0.5, (8, 37))
     targets = rng.integers(0, 37, (3, 13))
     cases = [(1, 1.0), (4, 0.7), (64, 1.3)]  # one position per chunk; 13 % 4 != 0; chunk > T
-    run_all = jax.jit(lambda h, w, t: [L.token_logprobs_and_entropy(h, w, t, chunk_size=c, temperature=temp)
-                                       for c, temp in cases])
+    run_all = jax.jit(
+        lambda h, w, t: [
+            L.token_logprobs_and_entropy(h, w, t, chunk_size=c, temperature=temp) for c, temp in cases
+        ]
+    )
     results = run_all(jnp.asarray(h, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(targets))
     for (chunk, temperature), (logp, ent) in zip(cases, results):
         logits = h @ w / temperature
-        np.testing.assert_allclose(logp, np_logprobs(logits, targets), rtol=1e-5, atol=1e-5, err_msg=str(chunk))
+        np.testing.assert_allclose(
+            logp, np_logprobs(logits, targets), rtol=1e-5, atol=1e-5, err_msg=str(chunk)
+        )
         np.testing.assert_allclose(ent, np_entropy(logits), rtol=1e-5, atol=1e-5, err_msg=str(chunk))
 
 
@@ -126,8 +140,9 @@ def test_chunked_logprobs_accept_bfloat16():
     h = jnp.asarray(rng.normal(size=(2, 9, 16)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(0, 0.3, (16, 40)), jnp.bfloat16)
     targets = rng.integers(0, 40, (2, 9))
-    logp, ent = jax.jit(L.token_logprobs_and_entropy, static_argnames="chunk_size")(h, w, jnp.asarray(targets),
-                                                                                    chunk_size=4)
+    logp, ent = jax.jit(L.token_logprobs_and_entropy, static_argnames="chunk_size")(
+        h, w, jnp.asarray(targets), chunk_size=4
+    )
     assert logp.dtype == jnp.float32
     logits = np.asarray(h, np.float64) @ np.asarray(w, np.float64)  # the bf16 values, exact products
     np.testing.assert_allclose(logp, np_logprobs(logits, targets), rtol=1e-4, atol=1e-4)
@@ -149,7 +164,9 @@ def test_chunked_gradient_matches_finite_differences():
         logp, ent = L.token_logprobs_and_entropy(h, w, jnp.asarray(targets), chunk_size=2, temperature=0.8)
         return (logp * cot_lp + ent * cot_ent).sum()
 
-    grads = jax.jit(jax.grad(objective, argnums=(0, 1)))(jnp.asarray(h, jnp.float32), jnp.asarray(w, jnp.float32))
+    grads = jax.jit(jax.grad(objective, argnums=(0, 1)))(
+        jnp.asarray(h, jnp.float32), jnp.asarray(w, jnp.float32)
+    )
     for arg, grad in zip((h, w), grads):
         fd = np.zeros_like(arg)
         for idx in np.ndindex(arg.shape):
@@ -183,7 +200,9 @@ def test_chunking_bounds_backward_memory():
 CONFIGS = [
     dict(agg=agg, kl_type=kl, dual_clip_c=dual, clip_eps_high=high)
     for (agg, kl), dual, high in zip(
-        itertools.product(L.AGGREGATIONS, L.KL_TYPES), itertools.cycle([None, 3.0, 1.5]), itertools.cycle([0.2, 0.28])
+        itertools.product(L.AGGREGATIONS, L.KL_TYPES),
+        itertools.cycle([None, 3.0, 1.5]),
+        itertools.cycle([0.2, 0.28]),
     )
 ]
 
@@ -207,8 +226,14 @@ def test_policy_loss_seq_sum_norm_and_optional_terms():
     rng = np.random.default_rng(5)
     logp, old, _, adv, mask, _ = random_batch(rng)
     cfg = config(agg="seq-sum", seq_sum_norm_len=500, kl_coef=0.0, entropy_coef=0.0)
-    loss, metrics = L.policy_loss(*(jnp.asarray(x, jnp.float32) for x in (logp, old)), None,
-                                  jnp.asarray(adv, jnp.float32), jnp.asarray(mask), None, cfg)
+    loss, metrics = L.policy_loss(
+        *(jnp.asarray(x, jnp.float32) for x in (logp, old)),
+        None,
+        jnp.asarray(adv, jnp.float32),
+        jnp.asarray(mask),
+        None,
+        cfg,
+    )
     want, _ = np_policy_loss(logp, old, None, adv, mask, None, cfg)
     assert float(loss) == pytest.approx(want, rel=1e-5)
     assert "actor/kl_loss" not in metrics and "actor/entropy" not in metrics
@@ -234,9 +259,11 @@ def test_all_masked_batch_gives_zero_loss():
     assert float(loss) == 0.0 and float(metrics["actor/ratio_max"]) == 0.0
 
 
-GRADIENT_CONFIGS = [dict(agg="token-mean", kl_type="low_var_kl", dual_clip_c=3.0),
-                    dict(agg="seq-mean-token-mean", kl_type="k1", clip_eps_high=0.28),
-                    dict(agg="seq-sum", kl_type="mse", entropy_coef=0.01)]
+GRADIENT_CONFIGS = [
+    dict(agg="token-mean", kl_type="low_var_kl", dual_clip_c=3.0),
+    dict(agg="seq-mean-token-mean", kl_type="k1", clip_eps_high=0.28),
+    dict(agg="seq-sum", kl_type="mse", entropy_coef=0.01),
+]
 
 
 def test_loss_gradient_wrt_logits_matches_finite_differences():
@@ -258,6 +285,7 @@ def test_loss_gradient_wrt_logits_matches_finite_differences():
 
     grads = jax.jit(lambda x: [jax.grad(loss)(x, cfg) for cfg in cfgs])(jnp.asarray(logits, jnp.float32))
     for kw, cfg, grad in zip(GRADIENT_CONFIGS, cfgs, grads):
+
         def np_loss(x):
             return np_policy_loss(np_logprobs(x, targets), old, ref, adv, mask, np_entropy(x), cfg)[0]
 
@@ -278,12 +306,22 @@ def test_loss_gradient_wrt_logits_matches_finite_differences():
 def test_default_config_and_bad_knobs():
     cfg = L.default_config()
     assert (cfg.clip_eps_low, cfg.clip_eps_high, cfg.dual_clip_c, cfg.kl_type, cfg.kl_coef, cfg.agg) == (
-        0.2, 0.2, None, "low_var_kl", 0.001, "token-mean")
+        0.2,
+        0.2,
+        None,
+        "low_var_kl",
+        0.001,
+        "token-mean",
+    )
     L.validate_config(cfg)
     z = jnp.zeros((2, 3))
-    for kw, msg in [(dict(agg="foo"), r"agg='foo'.*token-mean"), (dict(kl_type="bar"), r"kl_type='bar'.*low_var_kl"),
-                    (dict(dual_clip_c=0.5), "dual_clip_c"), (dict(clip_eps_low=1.5), "clip_eps_low"),
-                    (dict(seq_sum_norm_len=0), "seq_sum_norm_len")]:
+    for kw, msg in [
+        (dict(agg="foo"), r"agg='foo'.*token-mean"),
+        (dict(kl_type="bar"), r"kl_type='bar'.*low_var_kl"),
+        (dict(dual_clip_c=0.5), "dual_clip_c"),
+        (dict(clip_eps_low=1.5), "clip_eps_low"),
+        (dict(seq_sum_norm_len=0), "seq_sum_norm_len"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             L.policy_loss(z, z, z, z, z, z, config(**kw))
     with pytest.raises(ValueError, match="needs ref_logp"):
@@ -293,12 +331,17 @@ def test_default_config_and_bad_knobs():
     with pytest.raises(ValueError, match="advantages must have"):
         L.policy_loss(z, z, z, jnp.zeros((2, 4)), z, z, config())
     with pytest.raises(ValueError, match="chunk_size"):
-        L.token_logprobs_and_entropy(jnp.zeros((1, 2, 3)), jnp.zeros((3, 4)), jnp.zeros((1, 2), int), chunk_size=0)
+        L.token_logprobs_and_entropy(
+            jnp.zeros((1, 2, 3)), jnp.zeros((3, 4)), jnp.zeros((1, 2), int), chunk_size=0
+        )
     with pytest.raises(ValueError, match="lm_head"):
-        L.token_logprobs_and_entropy(jnp.zeros((1, 2, 3)), jnp.zeros((4, 4)), jnp.zeros((1, 2), int), chunk_size=1)
+        L.token_logprobs_and_entropy(
+            jnp.zeros((1, 2, 3)), jnp.zeros((4, 4)), jnp.zeros((1, 2), int), chunk_size=1
+        )
     with pytest.raises(ValueError, match="temperature"):
-        L.token_logprobs_and_entropy(jnp.zeros((1, 2, 3)), jnp.zeros((3, 4)), jnp.zeros((1, 2), int), chunk_size=1,
-                                     temperature=0.0)
+        L.token_logprobs_and_entropy(
+            jnp.zeros((1, 2, 3)), jnp.zeros((3, 4)), jnp.zeros((1, 2), int), chunk_size=1, temperature=0.0
+        )
 
 
 # ----------------------------------------------------------------------------- sharded
@@ -324,7 +367,9 @@ def test_sharded_loss_and_gradient_match_single_device():
     mesh = jax.make_mesh((8,), ("data",))
     batch = lambda x: jax.device_put(x, NamedSharding(mesh, P("data", *[None] * (x.ndim - 1))))  # noqa: E731
     with jax.set_mesh(mesh):
-        got = step(batch(h), jax.device_put(w, NamedSharding(mesh, P())), *map(batch, (targets, old, ref, adv, mask)))
+        got = step(
+            batch(h), jax.device_put(w, NamedSharding(mesh, P())), *map(batch, (targets, old, ref, adv, mask))
+        )
     (loss, metrics), (grad_h, grad_w) = got
     assert grad_h.sharding.spec[0] == "data"
     (want_loss, want_metrics), (want_h, want_w) = want

@@ -1,4 +1,6 @@
-"""Rewards and FOLR against plain-Python references written here from Search-R1's and TSPO.md's definitions."""
+"""Rewards and FOLR against plain-Python references written here from the definitions of
+Search-R1 and TSPO.md."""
+
 import re
 import string
 
@@ -95,10 +97,8 @@ def cfg(**folr):
 
 # ----------------------------------------------------------------------------- normalisation, EM
 
-TEXT = st.text(
-    alphabet=st.sampled_from(list("abcdefghijklmnopqrstuvwxyzTHEAN \t\n.,!?'\"-()é’0123")) | st.characters(),
-    max_size=60,
-)
+SOME_CHARS = st.sampled_from(list("abcdefghijklmnopqrstuvwxyzTHEAN \t\n.,!?'\"-()é’0123"))
+TEXT = st.text(alphabet=SOME_CHARS | st.characters(), max_size=60)
 
 
 @given(TEXT)
@@ -113,8 +113,21 @@ def test_exact_match_matches_reference(pred, golds):
     assert R.exact_match(pred, golds) == ref_em(pred, golds)
 
 
-@pytest.mark.parametrize("text", ["a a b", "The the An a", "x\x00the y", "\x1cthe\x1cend", "Ünïcödé THE café",
-                                  "“the” end", "an\ta\nthe", "", "the", "xa ax thea"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a a b",
+        "The the An a",
+        "x\x00the y",
+        "\x1cthe\x1cend",
+        "Ünïcödé THE café",
+        "“the” end",
+        "an\ta\nthe",
+        "",
+        "the",
+        "xa ax thea",
+    ],
+)
 def test_normalize_answer_edge_cases(text):
     # runs of articles, control characters and non-ASCII text take different internal paths
     assert R.normalize_answer(text) == ref_normalize(text)
@@ -132,7 +145,12 @@ def test_exact_match_aliases_punctuation_articles():
         R.exact_match("x", [])
 
 
-@given(st.lists(st.sampled_from(["<answer>", "</answer>", "x", " Paris ", "\n", "<think>", "a</answer>b"]), max_size=12))
+@given(
+    st.lists(
+        st.sampled_from(["<answer>", "</answer>", "x", " Paris ", "\n", "<think>", "a</answer>b"]),
+        max_size=12,
+    )
+)
 @settings(max_examples=150, deadline=None)
 def test_extract_answer_matches_reference(parts):
     response = "".join(parts)
@@ -149,7 +167,8 @@ def test_extract_answer_takes_last_answer_of_response():
 
 VALID = [
     "<think>x</think>\n<answer>y</answer>",
-    "<think>a</think><search>q</search>\n\n<information>d</information>\n\n<think>b</think><answer>y</answer>\n",
+    "<think>a</think><search>q</search>\n\n<information>d</information>\n\n"
+    "<think>b</think><answer>y</answer>\n",
 ]
 INVALID = [
     "<answer>y</answer>",  # no think first
@@ -190,9 +209,12 @@ def ref_v03(answer, em, valid, retrieval_hit, s=1.0, structure=0.2, final=0.1, r
     [
         "<think>t</think><answer>Paris</answer>",  # right, valid
         "<answer>Paris</answer>",  # right, invalid
-        "<think>t</think><search>q</search><information>Paris is big</information><think>u</think><answer>Rome</answer>",
-        "<think>t</think><search>q</search><information>nothing</information><think>u</think><answer>Rome</answer>",
-        "<think>t</think><search>q</search><information>Paris</information>",  # no answer, valid? no: never ends
+        # wrong, valid, with and without the gold in the retrieved information
+        "<think>t</think><search>q</search><information>Paris is big</information>"
+        "<think>u</think><answer>Rome</answer>",
+        "<think>t</think><search>q</search><information>nothing</information>"
+        "<think>u</think><answer>Rome</answer>",
+        "<think>t</think><search>q</search><information>Paris</information>",  # no answer: never ends
         "<think>t</think>",
         "garbage <answer>Rome</answer>",  # wrong, invalid
         "garbage",
@@ -230,8 +252,12 @@ def four_turns(hit_turn, answer="Percy Shelley", policy_mentions=False):
         policy = f"<think>step {k}</think><search>frankenstein author {k}</search>"
         if policy_mentions and k == 0:
             policy = "<think>maybe Mary Shelley?</think><search>frankenstein author</search>"
-        doc = "Frankenstein is an 1818 novel by Mary Shelley." if k == hit_turn else "Frankenstein is a novel."
-        turns.append((policy, obs(doc, "Gothic fiction is a genre.", "Percy Shelley was a poet.") if k < 3 else None))
+        doc = (
+            "Frankenstein is an 1818 novel by Mary Shelley." if k == hit_turn else "Frankenstein is a novel."
+        )
+        turns.append(
+            (policy, obs(doc, "Gothic fiction is a genre.", "Percy Shelley was a poet.") if k < 3 else None)
+        )
     turns[3] = ("<think>done</think>", None)
     return make_episode(Q, GOLD, turns, answer=answer)
 
@@ -252,13 +278,17 @@ def test_correct_episode_gets_outcome_on_every_turn():
 
 def test_gold_only_in_question_is_ignored():
     q = "Was Mary Shelley the author of Frankenstein?"
-    ep = make_episode(q, ["Mary Shelley"], [("<search>x</search>", obs("Mary Shelley wrote it.")), ("", None)], "no")
+    ep = make_episode(
+        q, ["Mary Shelley"], [("<search>x</search>", obs("Mary Shelley wrote it.")), ("", None)], "no"
+    )
     assert R.compute_rewards([ep], cfg()).first_occurrence[0] == -1
     assert R.compute_rewards([ep], cfg(guard_question=False)).first_occurrence[0] == 0
 
 
 def test_gold_shorter_than_minimum_is_ignored():
-    ep = make_episode("Is Rome in Italy?", ["yes"], [("<search>x</search>", obs("Yes, Rome is there.")), ("", None)], "no")
+    ep = make_episode(
+        "Is Rome in Italy?", ["yes"], [("<search>x</search>", obs("Yes, Rome is there.")), ("", None)], "no"
+    )
     assert R.compute_rewards([ep], cfg()).first_occurrence[0] == -1  # "yes" has 3 < 4 chars
     assert R.compute_rewards([ep], cfg(min_answer_chars=3)).first_occurrence[0] == 0
 
@@ -273,10 +303,16 @@ def test_gold_in_policy_text_counts_only_under_scope_all():
 
 def test_aliases_punctuation_and_articles_in_documents():
     # second alias, punctuation and an article inside the document
-    ep = make_episode("Which band recorded Abbey Road?", ["Fab Four", "The Beatles"],
-                      [("<search>abbey road</search>", obs("Abbey Road is an album by the Beatles!")), ("", None)], "x")
+    ep = make_episode(
+        "Which band recorded Abbey Road?",
+        ["Fab Four", "The Beatles"],
+        [("<search>abbey road</search>", obs("Abbey Road is an album by the Beatles!")), ("", None)],
+        "x",
+    )
     assert R.compute_rewards([ep], cfg()).first_occurrence[0] == 0
-    ep = make_episode("Which country?", ["U.S.A."], [("<search>q</search>", obs("It is in the USA.")), ("", None)], "x")
+    ep = make_episode(
+        "Which country?", ["U.S.A."], [("<search>q</search>", obs("It is in the USA.")), ("", None)], "x"
+    )
     assert R.compute_rewards([ep], cfg(min_answer_chars=3)).first_occurrence[0] == 0
 
 
@@ -304,7 +340,22 @@ def test_alpha_is_used():
 
 # ----------------------------------------------------------------------------- random batches vs reference
 
-WORDS = ["Paris", "paris,", "the", "a", "Rome", "New", "York", "new-york", "an", "Shelley", "mary", "is", "yes", "U.S."]
+WORDS = [
+    "Paris",
+    "paris,",
+    "the",
+    "a",
+    "Rome",
+    "New",
+    "York",
+    "new-york",
+    "an",
+    "Shelley",
+    "mary",
+    "is",
+    "yes",
+    "U.S.",
+]
 GOLDS = [["Paris"], ["New York", "NYC"], ["Mary Shelley"], ["yes"], ["the Rome"], ["U.S."]]
 
 
@@ -324,8 +375,14 @@ def episodes(draw):
     return out
 
 
-@given(episodes(), st.sampled_from(R.FOLR_SCOPES), st.integers(1, 6), st.booleans(), st.sampled_from(R.FOLR_MATCH_MODES),
-       st.sampled_from([0.0, 0.5, 1.0]))
+@given(
+    episodes(),
+    st.sampled_from(R.FOLR_SCOPES),
+    st.integers(1, 6),
+    st.booleans(),
+    st.sampled_from(R.FOLR_MATCH_MODES),
+    st.sampled_from([0.0, 0.5, 1.0]),
+)
 @settings(max_examples=60, deadline=None)
 def test_compute_rewards_matches_reference(eps, scope, min_chars, guard, match, alpha):
     c = cfg(scope=scope, min_answer_chars=min_chars, guard_question=guard, match=match, alpha=alpha)
@@ -337,7 +394,9 @@ def test_compute_rewards_matches_reference(eps, scope, min_chars, guard, match, 
         assert rb.answers[i] == answer
         assert rb.em[i] == em and rb.outcome[i] == em
         assert rb.first_occurrence[i] == k_star
-        np.testing.assert_allclose(rb.turn_returns[i], ref_returns(em, em == 1.0, k_star, len(ep.turn_texts), 4, alpha))
+        np.testing.assert_allclose(
+            rb.turn_returns[i], ref_returns(em, em == 1.0, k_star, len(ep.turn_texts), 4, alpha)
+        )
         np.testing.assert_array_equal(rb.turn_valid[i], [k < len(ep.turn_texts) for k in range(4)])
     assert rb.outcome.dtype == np.float32 and rb.turn_returns.dtype == np.float32
     assert rb.first_occurrence.dtype == np.int32 and rb.turn_valid.dtype == bool
@@ -369,6 +428,8 @@ def test_bad_config_and_episodes_raise_clear_errors():
 
 
 def test_golds_from_numpy_array_are_accepted():
-    ep = R.EpisodeText("q", np.array(["Paris", "paris"]), "nq", ["<answer>Paris</answer>"], [None], "<answer>Paris</answer>")
+    ep = R.EpisodeText(
+        "q", np.array(["Paris", "paris"]), "nq", ["<answer>Paris</answer>"], [None], "<answer>Paris</answer>"
+    )
     assert ep.golds == ["Paris", "paris"]
     assert R.compute_rewards([ep], cfg()).em[0] == 1.0

@@ -9,6 +9,7 @@ Default: 512 prompts x 5 rollouts = 2,560 episodes, each with 4 search turns of 
 Documents are drawn independently for every observation (worst case for the normalisation
 cache); a quarter of the observations contain a gold alias.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,8 @@ def make_episodes(args, rng: np.random.Generator) -> list[rewards.EpisodeText]:
                 hit = rng.random() < 0.25
                 docs = [document(golds[0] if hit and d == 0 else None) for d in range(args.docs)]
                 body = "".join(
-                    f"Doc {i + 1}(Title: {doc.split(chr(10))[0]}) {doc.split(chr(10), 1)[1]}\n" for i, doc in enumerate(docs)
+                    f"Doc {i + 1}(Title: {doc.split(chr(10))[0]}) {doc.split(chr(10), 1)[1]}\n"
+                    for i, doc in enumerate(docs)
                 )
                 observations.append(f"\n\n<information>{body}</information>\n\n")
             answer = golds[0] if rng.random() < 0.3 else words(2)
@@ -75,7 +77,10 @@ def make_token_arrays(num_turns: list[int], seq_len: int, k: int, rng: np.random
     for row, turns in enumerate(num_turns):
         t = int(rng.integers(100, 300))
         for turn in range(turns):
-            policy, observation = int(rng.integers(50, 150)), (int(rng.integers(300, 500)) if turn < turns - 1 else 0)
+            policy, observation = (
+                int(rng.integers(50, 150)),
+                (int(rng.integers(300, 500)) if turn < turns - 1 else 0),
+            )
             end = min(t + policy, seq_len)
             turn_ids[row, t:end], loss_mask[row, t:end] = turn, 1.0
             t = end
@@ -95,7 +100,9 @@ def timed(fn, repeats: int) -> tuple[list[float], object]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--prompts", type=int, default=512)
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--turns", type=int, default=4, help="search turns; one answer turn follows")
@@ -116,12 +123,22 @@ def main():
     reward_times, rb = timed(lambda: rewards.compute_rewards(episodes, cfg), args.repeats)
 
     group_ids = np.repeat(np.arange(args.prompts), args.n).astype(np.int32)
-    turn_ids, loss_mask = make_token_arrays([len(ep.turn_texts) for ep in episodes], args.seq_len, cfg.num_turns, rng)
+    turn_ids, loss_mask = make_token_arrays(
+        [len(ep.turn_texts) for ep in episodes], args.seq_len, cfg.num_turns, rng
+    )
 
     def advantage_step():
         token_adv, metrics = advantages.compute_advantages(
-            args.estimator, rb.outcome, rb.turn_returns, rb.turn_valid, rb.first_occurrence, group_ids,
-            turn_ids, loss_mask, num_groups=args.prompts, correct=rb.em > 0,
+            args.estimator,
+            rb.outcome,
+            rb.turn_returns,
+            rb.turn_valid,
+            rb.first_occurrence,
+            group_ids,
+            turn_ids,
+            loss_mask,
+            num_groups=args.prompts,
+            correct=rb.em > 0,
         )
         return jax.block_until_ready((token_adv, metrics))
 

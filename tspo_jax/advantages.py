@@ -29,6 +29,7 @@ Conventions, the same for every estimator:
   RewardBatch.em), else outcome > 0.5, which separates right from wrong for binary EM and for
   Search-R1's v0.3 format values (right >= 0.8, wrong <= 0.3).
 """
+
 from __future__ import annotations
 
 import functools
@@ -121,7 +122,9 @@ class Moments(NamedTuple):
     hi: jax.Array  # max (-max float for an empty group)
 
 
-def segment_moments(values: jax.Array, weights: jax.Array, segment_ids: jax.Array, num_groups: int) -> Moments:
+def segment_moments(
+    values: jax.Array, weights: jax.Array, segment_ids: jax.Array, num_groups: int
+) -> Moments:
     """Count, mean, unbiased std, min and max per group of the weighted items.
 
     values, weights: [B] (one item per row) or [B, M] (M items per row, e.g. turns, pooled
@@ -244,9 +247,13 @@ def _check_shapes(outcome, turn_returns, turn_valid, first_occurrence, group_ids
     }
     for name, (x, ndim) in expected.items():
         if x.ndim != ndim or x.shape[0] != b:
-            raise ValueError(f"{name} must have {ndim} dims and B={b} rows like outcome, got shape {x.shape}.")
+            raise ValueError(
+                f"{name} must have {ndim} dims and B={b} rows like outcome, got shape {x.shape}."
+            )
     if turn_valid.shape != turn_returns.shape:
-        raise ValueError(f"turn_valid {turn_valid.shape} and turn_returns {turn_returns.shape} must match ([B, K]).")
+        raise ValueError(
+            f"turn_valid {turn_valid.shape} and turn_returns {turn_returns.shape} must match ([B, K])."
+        )
     if turn_ids.shape != loss_mask.shape:
         raise ValueError(f"turn_ids {turn_ids.shape} and loss_mask {loss_mask.shape} must match ([B, T]).")
 
@@ -269,7 +276,18 @@ def compute_advantages(
     """Per-token advantages [B, T] float32 (0 off the loss mask) and a dict of scalar metrics.
 
     name and num_groups are static. turn_ids[b, t] is the 0-based turn of token t (-1 for
-    prompt and padding); a policy token of turn k gets the estimator's A[b, k].
+    prompt and padding); a policy token of turn k gets the estimator's A[b, k]. Pass
+    correct=RewardBatch.em (see the module docstring for the fallback).
+
+    Metrics (float32 scalars; group fractions are over non-empty groups):
+      adv/homogenized_group_frac   groups whose token advantages are all 0
+      adv/reward_std_mean          mean within-group unbiased std of the outcome (0 for size 1)
+      adv/{all_wrong,all_right,mixed}_group_frac
+      adv/folr_rescued_frac        all-wrong groups whose turn returns differ (FOLR gives signal)
+      adv/folr_hit_frac, adv/k_star_mean   rows with a k*, and their mean 0-based k*
+      adv/token_adv_mean, adv/token_adv_abs_max   over policy tokens
+      adv/policy_tokens_without_turn   loss-mask tokens with no valid turn id (should be 0)
+      adv/padding_rows             rows outside [0, num_groups)
     """
     fn = get_advantage_fn(name)
     if not isinstance(num_groups, int) or num_groups < 1:
@@ -303,7 +321,9 @@ def compute_advantages(
     )
     turn_adv = fn(inp).astype(jnp.float32)
     if turn_adv.shape != turn_returns.shape:
-        raise ValueError(f"estimator {name!r} returned shape {turn_adv.shape}, expected [B, K] = {turn_returns.shape}.")
+        raise ValueError(
+            f"estimator {name!r} returned shape {turn_adv.shape}, expected [B, K] = {turn_returns.shape}."
+        )
 
     k = turn_returns.shape[1]
     policy = (loss_mask > 0) & row_valid[:, None]
@@ -353,7 +373,10 @@ def reward_by_source(outcome, sources: Sequence[str]) -> dict[str, float]:
     """Mean outcome per data source (host side), e.g. {'nq': 0.41, 'hotpotqa': 0.27}."""
     outcome = np.asarray(outcome, np.float64)
     if outcome.ndim != 1 or len(sources) != outcome.shape[0]:
-        raise ValueError(f"reward_by_source needs one source per outcome: {outcome.shape} outcomes, {len(sources)} sources.")
+        raise ValueError(
+            f"reward_by_source needs one source per outcome: {outcome.shape} outcomes, "
+            f"{len(sources)} sources."
+        )
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     for value, source in zip(outcome, sources):

@@ -1,6 +1,8 @@
 """Policy loss (PPO clip, KL to the reference, entropy bonus) and memory-aware token logprobs.
 
-Follows verl's actor loss as Search-R1 trains it, with verl's later additions as knobs:
+Follows verl's actor loss as Search-R1 trains it (defaults), with verl's later additions as
+knobs (eps_high != eps_low, dual clip, aggregations). The [-20, 20] clamps before exp are verl's
+later guard too: they change nothing in normal ranges and keep exp (and gradients) finite.
   ratio   = exp(clamp(logp - old_logp, -20, 20))
   pg      = max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high))
   dual    = where(A < 0, min(pg, -A * c), pg)                       if dual_clip_c is set
@@ -12,6 +14,7 @@ Aggregations, with m the loss mask:
   seq-mean-token-mean  mean over rows with >= 1 token of sum_t(x m) / sum_t(m)
   seq-sum              sum(x m) / (B * L), L = seq_sum_norm_len or T  (Dr.GRPO: constant norm)
 """
+
 from __future__ import annotations
 
 import math
@@ -55,9 +58,13 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             f"clip_eps_high={cfg.clip_eps_high} be >= 0."
         )
     if cfg.dual_clip_c is not None and not cfg.dual_clip_c > 1.0:
-        raise ValueError(f"losses.dual_clip_c={cfg.dual_clip_c} must be > 1 (e.g. 3.0), or None to turn dual clip off.")
+        raise ValueError(
+            f"losses.dual_clip_c={cfg.dual_clip_c} must be > 1 (e.g. 3.0), or None to turn dual clip off."
+        )
     if cfg.seq_sum_norm_len is not None and cfg.seq_sum_norm_len < 1:
-        raise ValueError(f"losses.seq_sum_norm_len={cfg.seq_sum_norm_len} must be >= 1, or None for the padded length.")
+        raise ValueError(
+            f"losses.seq_sum_norm_len={cfg.seq_sum_norm_len} must be >= 1, or None for the padded length."
+        )
     if cfg.logprob_chunk < 1:
         raise ValueError(f"losses.logprob_chunk={cfg.logprob_chunk} must be >= 1.")
 
@@ -178,7 +185,9 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, entropy, cfg: ml_col
     if use_kl and (ref_logp is None or ref_logp.shape != shape):
         raise ValueError(f"kl_coef={cfg.kl_coef} needs ref_logp of shape {shape}; pass it or set kl_coef=0.")
     if use_entropy and (entropy is None or entropy.shape != shape):
-        raise ValueError(f"entropy_coef={cfg.entropy_coef} needs entropy of shape {shape}; pass it or set entropy_coef=0.")
+        raise ValueError(
+            f"entropy_coef={cfg.entropy_coef} needs entropy of shape {shape}; pass it or set entropy_coef=0."
+        )
 
     logp = logp.astype(jnp.float32)
     old_logp = old_logp.astype(jnp.float32)
