@@ -5,6 +5,7 @@ Default: 512 prompts x 5 rollouts = 2,560 episodes, each with 4 search turns of 
 
     python tools/bench_core.py [--prompts 512] [--n 5] [--turns 4] [--docs 3] [--doc_words 100]
                                [--seq_len 3072] [--repeats 3] [--estimator tspo]
+                               [--scope information|all] [--match substring|word]
 
 Documents are drawn independently for every observation (worst case for the normalisation
 cache); a quarter of the observations contain a gold alias.
@@ -111,6 +112,8 @@ def main():
     parser.add_argument("--seq_len", type=int, default=3072)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--estimator", default="tspo")
+    parser.add_argument("--scope", default="information", help="rewards.folr.scope")
+    parser.add_argument("--match", default="substring", help="rewards.folr.match")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -118,6 +121,7 @@ def main():
     episodes = make_episodes(args, rng)
     cfg = rewards.default_config()
     cfg.num_turns = args.turns + 1
+    cfg.folr.scope, cfg.folr.match = args.scope, args.match
     obs_chars = sum(len(o) for ep in episodes for o in ep.observations if o)
 
     reward_times, rb = timed(lambda: rewards.compute_rewards(episodes, cfg), args.repeats)
