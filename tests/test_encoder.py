@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from safetensors import safe_open
 
 from tspo_jax.model import encoder as E
 
@@ -78,6 +79,20 @@ def test_tiny_random_bert_matches_torch(tmp_path, hidden_act, pooling, head):
     assert np.abs(np.where(valid, h - ref_h, 0)).max() <= TOL
     assert np.abs(pooled - ref_pooled).max() <= TOL
     np.testing.assert_allclose(np.linalg.norm(pooled, axis=-1), 1.0, atol=1e-5)
+
+
+def test_bf16_checkpoint_loads_as_float32(tmp_path):
+    hf, hf_cfg = tiny_hf_model(tmp_path, seed=4)
+    hf.to(torch.bfloat16).save_pretrained(tmp_path, safe_serialization=True)
+    hf.to(torch.float32)  # the reference: the same bf16-rounded weights, computed in fp32
+    with safe_open(tmp_path / "model.safetensors", "np") as f:
+        assert f.get_slice("encoder.layer.0.attention.self.query.weight").get_dtype() == "BF16"
+    cfg = E.EncoderConfig.from_hf_config(hf_cfg, max_length=40)
+    model = E.load_params(nnx.eval_shape(lambda: E.BertEncoder(cfg, rngs=nnx.Rngs(0))), str(tmp_path))
+    assert model.layers[0].query.kernel[...].dtype == np.float32
+    ids, mask = ragged_batch(np.random.default_rng(0), [7, 40, 1, 23], 40, cfg.vocab_size)
+    _, ref = torch_embed(hf, ids, mask)
+    assert np.abs(np.asarray(forward(model, ids, mask)[1]) - ref).max() <= TOL
 
 
 def test_unnormalized_mean_pooling_matches_torch(tmp_path):

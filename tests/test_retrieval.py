@@ -218,9 +218,22 @@ def test_exact_index_equals_brute_force(tmp_path):
 
 
 def test_exact_index_breaks_ties_by_lower_id():
-    db = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], np.float32)
-    ids, _ = index_lib.ExactIndex(db, block=2).search(np.array([[1.0, 0.0]], np.float32), 3)
-    assert ids.tolist() == [[0, 2, 3]]
+    # Duplicated passages: ties straddle the top-k cut and the block boundaries.
+    db = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.5, 0.0]], np.float32)
+    query = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    for block in (1, 2, 3, 7):
+        ids, _ = index_lib.ExactIndex(db, block=block).search(query, 2)
+        assert ids.tolist() == [[1, 3], [0, 2]]
+        ids, _ = index_lib.ExactIndex(db, block=block).search(query, 5)
+        assert ids.tolist() == [[1, 3, 4, 5, 6], [0, 2, 1, 3, 4]]
+    # Many duplicates of 6 integer vectors (dot products exact in float32): large enough that
+    # argpartition's arbitrary tie cut shows up, compared with a stable full sort.
+    rng = np.random.default_rng(0)
+    db = rng.integers(-3, 4, size=(6, 8)).astype(np.float32)[rng.integers(0, 6, 1000)]
+    queries = rng.integers(-3, 4, size=(20, 8)).astype(np.float32)
+    for block in (300, 1000):
+        np.testing.assert_array_equal(index_lib.ExactIndex(db, block=block).search(queries, 10)[0],
+                                      brute_force(queries, db, 10)[0])
 
 
 def test_scann_recall_against_brute_force(tmp_path):

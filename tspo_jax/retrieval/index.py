@@ -74,10 +74,18 @@ def _check_queries(queries: np.ndarray, dim: int, k: int, count: int) -> np.ndar
 
 
 def _rank(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Keeps the k best of each row, best first; equal scores go to the lower id."""
+    """Keeps the k best of each row, best first; equal scores go to the lower id (duplicate
+    passages are common in wiki dumps, and results must not depend on block boundaries)."""
     if scores.shape[1] > k:
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        scores, ids = np.take_along_axis(scores, part, 1), np.take_along_axis(ids, part, 1)
+        top_scores, top_ids = np.take_along_axis(scores, part, 1), np.take_along_axis(ids, part, 1)
+        kth = top_scores.min(axis=1, keepdims=True)
+        # argpartition cuts ties arbitrarily; redo the (rare) rows where ties straddle the cut.
+        for r in np.flatnonzero((scores >= kth).sum(axis=1) > k):
+            cols = np.flatnonzero(scores[r] >= kth[r])
+            keep = cols[np.lexsort((ids[r, cols], -scores[r, cols]))[:k]]
+            top_scores[r], top_ids[r] = scores[r, keep], ids[r, keep]
+        scores, ids = top_scores, top_ids
     order = np.lexsort((ids, -scores), axis=1)
     return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
 
