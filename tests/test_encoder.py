@@ -1,4 +1,5 @@
 """BertEncoder parity with transformers' BertModel (PyTorch) + sentence-transformers style pooling."""
+
 import json
 import os
 import shutil
@@ -26,8 +27,10 @@ SENTENCES = [
 def torch_embed(model, ids, mask, pooling="mean", normalize=True):
     """Reference: HF last_hidden_state, then pooling exactly as sentence-transformers does it."""
     with torch.no_grad():
-        h = model(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                  attention_mask=torch.as_tensor(mask, dtype=torch.long)).last_hidden_state
+        h = model(
+            input_ids=torch.as_tensor(ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask, dtype=torch.long),
+        ).last_hidden_state
     if pooling == "cls":
         pooled = h[:, 0]
     else:
@@ -41,9 +44,17 @@ def torch_embed(model, ids, mask, pooling="mean", normalize=True):
 def tiny_hf_model(tmp_path, seed, hidden_act="gelu", head=False):
     """A random fp32 BERT whose LayerNorms and biases are random too (defaults 1/0 would hide bugs)."""
     torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=48, max_position_embeddings=40, type_vocab_size=2,
-                                  hidden_act=hidden_act, layer_norm_eps=1e-12)
+    cfg = transformers.BertConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=40,
+        type_vocab_size=2,
+        hidden_act=hidden_act,
+        layer_norm_eps=1e-12,
+    )
     model = (transformers.BertForMaskedLM if head else transformers.BertModel)(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -112,7 +123,9 @@ def minilm():
 @pytest.fixture(scope="module")
 def minilm_torch():
     path = E.default_encoder_path()
-    return transformers.BertModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
+    return transformers.BertModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(
+        path
+    )
 
 
 def test_real_minilm_matches_torch(minilm, minilm_torch):
@@ -132,7 +145,9 @@ def test_real_minilm_truncates_long_text_like_torch(minilm, minilm_torch):
     model = minilm[0]
     tokenizer = E.load_tokenizer(E.default_encoder_path(), max_length=24)
     long_text = " ".join(SENTENCES * 3)
-    batch = hf_tok([long_text, SENTENCES[0]], padding=True, truncation=True, max_length=24, return_tensors="np")
+    batch = hf_tok(
+        [long_text, SENTENCES[0]], padding=True, truncation=True, max_length=24, return_tensors="np"
+    )
     _, ref = torch_embed(hf, batch["input_ids"], batch["attention_mask"])
     assert np.abs(E.encode(model, tokenizer, [long_text, SENTENCES[0]]) - ref).max() <= TOL
 
@@ -171,8 +186,14 @@ def test_bad_inputs_raise_clear_errors(tmp_path, minilm):
     with pytest.raises(ValueError, match="config.json"):
         E.load_encoder(tmp_path)
     with pytest.raises(ValueError, match="hidden_act"):
-        E.EncoderConfig(vocab_size=10, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8,
-                        hidden_act="swish-ish")
+        E.EncoderConfig(
+            vocab_size=10,
+            hidden_size=8,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=8,
+            hidden_act="swish-ish",
+        )
     with pytest.raises(ValueError, match="max_length"):
         E.load_encoder(max_length=1000)
 
@@ -180,7 +201,10 @@ def test_bad_inputs_raise_clear_errors(tmp_path, minilm):
 def test_checkpoint_problems_name_the_tensor(tmp_path):
     _, hf_cfg = tiny_hf_model(tmp_path, seed=3)
     cfg = E.EncoderConfig.from_hf_config(hf_cfg, max_length=40)
-    abstract = lambda c: nnx.eval_shape(lambda: E.BertEncoder(c, rngs=nnx.Rngs(0)))
+
+    def abstract(c):
+        return nnx.eval_shape(lambda: E.BertEncoder(c, rngs=nnx.Rngs(0)))
+
     wrong = E.EncoderConfig.from_hf_config({**hf_cfg, "intermediate_size": 50}, max_length=40)
     with pytest.raises(ValueError, match="intermediate.dense.*has shape"):
         E.load_params(abstract(wrong), str(tmp_path))

@@ -1,5 +1,6 @@
 """Retrieval stack: corpus offsets, exact/ScaNN index vs brute force, index builder, LocalRetriever,
 the Search-R1 HTTP API (server + client), and failure modes (dead or slow server)."""
+
 import json
 import os
 import random
@@ -27,6 +28,7 @@ from tspo_jax.retrieval.server import RetrievalServer
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def vocab_words():
     with open(os.path.join(encoder_lib.default_encoder_path(), "vocab.txt")) as f:
@@ -81,8 +83,12 @@ def free_port():
 
 
 def post(url, payload, timeout=10):
-    request = urllib.request.Request(url + "/retrieve", data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url + "/retrieve",
+        data=json.dumps(payload).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
@@ -123,13 +129,21 @@ def reply(handler, status, payload):
 
 # ----------------------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module")
 def minilm_index(tmp_path_factory):
     """30 short passages, real MiniLM, exact mode, e5-style prefixes (exercises the plumbing)."""
     root = tmp_path_factory.mktemp("minilm")
     rows = write_corpus(root / "corpus.jsonl", 30, 12, seed=0)
-    manifest = build_index(str(root / "corpus.jsonl"), str(root / "index"), mode="exact", batch_size=16,
-                           query_prefix="query: ", passage_prefix="passage: ", progress=False)
+    manifest = build_index(
+        str(root / "corpus.jsonl"),
+        str(root / "index"),
+        mode="exact",
+        batch_size=16,
+        query_prefix="query: ",
+        passage_prefix="passage: ",
+        progress=False,
+    )
     return root / "index", rows, manifest
 
 
@@ -154,8 +168,14 @@ def tiny_encoder(tmp_path_factory):
     """A random 1-layer BERT over MiniLM's real tokenizer: fast enough to index hundreds of passages."""
     path = tmp_path_factory.mktemp("tiny_encoder")
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=64)
+    cfg = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     transformers.BertModel(cfg).save_pretrained(path, safe_serialization=True)
     shutil.copy(os.path.join(encoder_lib.default_encoder_path(), "tokenizer.json"), path / "tokenizer.json")
     return path
@@ -163,13 +183,20 @@ def tiny_encoder(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- docs and corpus
 
+
 def test_format_docs_matches_search_r1():
-    contents = ['"Hamlet"\nHamlet is a tragedy by William Shakespeare.', "Title only, no newline",
-                "T\nline one\nline two\n", "\ntext under an empty title"]
+    contents = [
+        '"Hamlet"\nHamlet is a tragedy by William Shakespeare.',
+        "Title only, no newline",
+        "T\nline one\nline two\n",
+        "\ntext under an empty title",
+    ]
     docs = [Doc.from_contents(str(i), c, 1.0 - i / 10) for i, c in enumerate(contents)]
     expected = search_r1_passages2string([{"document": {"contents": c}} for c in contents])
     assert format_docs(docs) == expected
-    assert docs[0] == Doc(id="0", title='"Hamlet"', text="Hamlet is a tragedy by William Shakespeare.", score=1.0)
+    assert docs[0] == Doc(
+        id="0", title='"Hamlet"', text="Hamlet is a tragedy by William Shakespeare.", score=1.0
+    )
     assert format_docs([]) == ""
 
 
@@ -196,10 +223,11 @@ def test_corpus_errors_name_the_line(tmp_path):
 
 # ----------------------------------------------------------------------------- vector indexes
 
+
 def test_exact_index_equals_brute_force(tmp_path):
     rng = np.random.default_rng(0)
     db, queries = rng.normal(size=(1000, 24)).astype(np.float32), rng.normal(size=(37, 24)).astype(np.float32)
-    index = index_lib.ExactIndex(db, block=300)  # several blocks: exercises the running top-k merge
+    index = index_lib.ExactIndex(db, block=300, query_block=16)  # several tiles: running top-k merge
     for k in (1, 10, 1000):
         ids, scores = index.search(queries, k)
         ref_ids, ref_scores = brute_force(queries, db, k)
@@ -219,7 +247,9 @@ def test_exact_index_equals_brute_force(tmp_path):
 
 def test_exact_index_breaks_ties_by_lower_id():
     # Duplicated passages: ties straddle the top-k cut and the block boundaries.
-    db = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.5, 0.0]], np.float32)
+    db = np.array(
+        [[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.5, 0.0]], np.float32
+    )
     query = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
     for block in (1, 2, 3, 7):
         ids, _ = index_lib.ExactIndex(db, block=block).search(query, 2)
@@ -232,8 +262,9 @@ def test_exact_index_breaks_ties_by_lower_id():
     db = rng.integers(-3, 4, size=(6, 8)).astype(np.float32)[rng.integers(0, 6, 1000)]
     queries = rng.integers(-3, 4, size=(20, 8)).astype(np.float32)
     for block in (300, 1000):
-        np.testing.assert_array_equal(index_lib.ExactIndex(db, block=block).search(queries, 10)[0],
-                                      brute_force(queries, db, 10)[0])
+        np.testing.assert_array_equal(
+            index_lib.ExactIndex(db, block=block).search(queries, 10)[0], brute_force(queries, db, 10)[0]
+        )
 
 
 def test_scann_recall_against_brute_force(tmp_path):
@@ -277,10 +308,15 @@ def test_scann_refuses_tiny_corpora_and_auto_mode_picks_exact():
 
 # ----------------------------------------------------------------------------- builder + LocalRetriever
 
+
 def test_local_retriever_finds_a_passage_from_its_own_text(minilm_index, local):
     index_dir, rows, manifest = minilm_index
     assert (manifest.count, manifest.dim, manifest.mode) == (30, 384, "exact")
-    assert (manifest.query_prefix, manifest.passage_prefix, manifest.encoder) == ("query: ", "passage: ", "default")
+    assert (manifest.query_prefix, manifest.passage_prefix, manifest.encoder) == (
+        "query: ",
+        "passage: ",
+        "default",
+    )
     assert sorted(os.listdir(index_dir)) == ["embeddings.npy", "manifest.json", "offsets.npy"]
     picks = [0, 1, 7, 29]
     queries = [rows[i]["contents"].split("\n", 1)[1] for i in picks]
@@ -294,7 +330,9 @@ def test_local_retriever_finds_a_passage_from_its_own_text(minilm_index, local):
 def test_local_scores_are_brute_force_over_the_encoder(minilm_index, local):
     index_dir, rows, _ = minilm_index
     model, tokenizer = local.encoder, local.tokenizer
-    db = encoder_lib.encode(model, tokenizer, [r["contents"] for r in rows], batch_size=16, prefix="passage: ")
+    db = encoder_lib.encode(
+        model, tokenizer, [r["contents"] for r in rows], batch_size=16, prefix="passage: "
+    )
     np.testing.assert_allclose(np.load(index_dir / "embeddings.npy"), db, atol=1e-6)
     query = "capital city of france"
     q = encoder_lib.encode(model, tokenizer, [query], prefix="query: ")
@@ -306,14 +344,24 @@ def test_local_scores_are_brute_force_over_the_encoder(minilm_index, local):
 
 def test_scann_index_built_by_the_cli(tmp_path, tiny_encoder, capsys):
     rows = write_corpus(tmp_path / "c.jsonl", 400, 20, seed=3)
-    build_index_main([f"--corpus={tmp_path / 'c.jsonl'}", f"--out={tmp_path / 'idx'}", f"--encoder={tiny_encoder}",
-                      "--mode=scann", "--batch_size=128"])
+    build_index_main(
+        [
+            f"--corpus={tmp_path / 'c.jsonl'}",
+            f"--out={tmp_path / 'idx'}",
+            f"--encoder={tiny_encoder}",
+            "--mode=scann",
+            "--batch_size=128",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary == {"out": str(tmp_path / "idx"), "count": 400, "dim": 32, "mode": "scann"}
     assert sorted(os.listdir(tmp_path / "idx")) == ["manifest.json", "offsets.npy", "scann"]
     manifest = index_lib.IndexManifest.load(str(tmp_path / "idx"))
     assert (manifest.encoder, manifest.max_length, manifest.scann) == (
-        str(tiny_encoder), 64, index_lib.scann_params_for(400))
+        str(tiny_encoder),
+        64,
+        index_lib.scann_params_for(400),
+    )
     with make_retriever(str(tmp_path / "idx")) as retriever:
         assert isinstance(retriever, LocalRetriever)
         picks = [0, 1, 123, 399]
@@ -374,6 +422,7 @@ def test_make_retriever_dispatch(tmp_path):
 
 # ----------------------------------------------------------------------------- HTTP API
 
+
 def test_http_round_trip_equals_local(server, local, minilm_index):
     rows = minilm_index[1]
     queries = [rows[2]["contents"].split("\n", 1)[1], "some unrelated question?", rows[1]["contents"]]
@@ -413,13 +462,16 @@ def test_server_speaks_search_r1_json(server, local, minilm_index):
         assert json.loads(r.read()) == {"status": "ok", "count": 30, "mode": "exact"}
 
 
-@pytest.mark.parametrize("payload,message", [
-    ({"queries": [], "topk": 3}, "queries is empty"),
-    ({"queries": ["q"], "topk": 31}, "exceeds the corpus size"),
-    ({"queries": ["q"], "topk": -2}, "positive integer"),
-    ({"queries": "q", "topk": 3}, "JSON list of strings"),
-    ({"queries": ["q", 5], "topk": 3}, r"queries\[1\]"),
-])
+@pytest.mark.parametrize(
+    "payload,message",
+    [
+        ({"queries": [], "topk": 3}, "queries is empty"),
+        ({"queries": ["q"], "topk": 31}, "exceeds the corpus size"),
+        ({"queries": ["q"], "topk": -2}, "positive integer"),
+        ({"queries": "q", "topk": 3}, "JSON list of strings"),
+        ({"queries": ["q", 5], "topk": 3}, r"queries\[1\]"),
+    ],
+)
 def test_server_rejects_bad_requests_with_400(server, payload, message):
     with pytest.raises(urllib.error.HTTPError) as e:
         post(server.url, payload)

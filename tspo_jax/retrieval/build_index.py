@@ -5,6 +5,7 @@
 
 e5-style encoders want --query_prefix="query: " --passage_prefix="passage: "; MiniLM wants none.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,21 @@ from tspo_jax.model import encoder as encoder_lib
 from tspo_jax.retrieval import corpus as corpus_lib
 from tspo_jax.retrieval import index as index_lib
 
-def build_index(corpus: str, out: str, *, encoder: str | None = None, mode: str = "auto", batch_size: int = 64,
-                query_prefix: str = "", passage_prefix: str = "", max_length: int | None = None,
-                overwrite: bool = False, chunk_size: int = 4096, progress: bool = True) -> index_lib.IndexManifest:
+
+def build_index(
+    corpus: str,
+    out: str,
+    *,
+    encoder: str | None = None,
+    mode: str = "auto",
+    batch_size: int = 64,
+    query_prefix: str = "",
+    passage_prefix: str = "",
+    max_length: int | None = None,
+    overwrite: bool = False,
+    chunk_size: int = 4096,
+    progress: bool = True,
+) -> index_lib.IndexManifest:
     """Embeds every passage of `corpus` and writes a searchable index to `out`; returns its manifest."""
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ValueError(f"Output directory {out!r} is not empty; pick a new --out or pass overwrite=True.")
@@ -51,14 +64,17 @@ def build_index(corpus: str, out: str, *, encoder: str | None = None, mode: str 
 
     # Pass 2: stream passages in chunks into an on-disk [count, dim] array.
     emb_path = os.path.join(out, index_lib.EMBEDDINGS)
-    embeddings = np.lib.format.open_memmap(emb_path, mode="w+", dtype=np.float32, shape=(count, cfg.hidden_size))
+    embeddings = np.lib.format.open_memmap(
+        emb_path, mode="w+", dtype=np.float32, shape=(count, cfg.hidden_size)
+    )
     t0 = time.perf_counter()
     rows = (row["contents"] for _, _, row in corpus_lib.iter_passages(corpus))
     with tqdm(total=count, desc="embed passages", unit="passage", disable=not progress) as bar:
         done = 0
         while chunk := list(itertools.islice(rows, chunk_size)):
-            embeddings[done:done + len(chunk)] = encoder_lib.encode(
-                model, tokenizer, chunk, batch_size=batch_size, prefix=passage_prefix)
+            embeddings[done : done + len(chunk)] = encoder_lib.encode(
+                model, tokenizer, chunk, batch_size=batch_size, prefix=passage_prefix
+            )
             done += len(chunk)
             bar.update(len(chunk))
     embeddings.flush()
@@ -76,14 +92,25 @@ def build_index(corpus: str, out: str, *, encoder: str | None = None, mode: str 
     index_s = time.perf_counter() - t0
 
     manifest = index_lib.IndexManifest(
-        encoder=os.path.abspath(encoder) if encoder else index_lib.DEFAULT_ENCODER, query_prefix=query_prefix,
-        passage_prefix=passage_prefix, max_length=cfg.max_length, pooling=cfg.pooling, dim=cfg.hidden_size,
-        count=count, mode=mode, corpus=corpus, corpus_bytes=os.path.getsize(corpus),
-        scann=scann_params)
+        encoder=os.path.abspath(encoder) if encoder else index_lib.DEFAULT_ENCODER,
+        query_prefix=query_prefix,
+        passage_prefix=passage_prefix,
+        max_length=cfg.max_length,
+        pooling=cfg.pooling,
+        dim=cfg.hidden_size,
+        count=count,
+        mode=mode,
+        corpus=corpus,
+        corpus_bytes=os.path.getsize(corpus),
+        scann=scann_params,
+    )
     manifest.save(out)  # written last: its presence marks a complete index
     if progress:
-        print(f"indexed {count} passages in {encode_s:.1f}s encode ({count / encode_s:.1f} passages/s) "
-              f"+ {index_s:.1f}s {mode} index -> {out}", flush=True)
+        print(
+            f"indexed {count} passages in {encode_s:.1f}s encode ({count / encode_s:.1f} passages/s) "
+            f"+ {index_s:.1f}s {mode} index -> {out}",
+            flush=True,
+        )
     return manifest
 
 
@@ -91,18 +118,32 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", required=True, help='JSONL, one {"id", "contents": "Title\\ntext"} per line')
     p.add_argument("--out", required=True, help="index directory to create")
-    p.add_argument("--encoder", default=None, help="HF BERT checkpoint dir (default: packaged all-MiniLM-L6-v2)")
-    p.add_argument("--mode", default="auto", choices=["auto", *index_lib.MODES],
-                   help=f"auto = exact up to {index_lib.AUTO_EXACT_MAX} passages, else scann")
+    p.add_argument(
+        "--encoder", default=None, help="HF BERT checkpoint dir (default: packaged all-MiniLM-L6-v2)"
+    )
+    p.add_argument(
+        "--mode",
+        default="auto",
+        choices=["auto", *index_lib.MODES],
+        help=f"auto = exact up to {index_lib.AUTO_EXACT_MAX} passages, else scann",
+    )
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--max_length", type=int, default=None, help="tokens per passage (default 256)")
     p.add_argument("--query_prefix", default="")
     p.add_argument("--passage_prefix", default="")
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out directory")
     args = p.parse_args(argv)
-    manifest = build_index(args.corpus, args.out, encoder=args.encoder, mode=args.mode, batch_size=args.batch_size,
-                           query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
-                           max_length=args.max_length, overwrite=args.overwrite)
+    manifest = build_index(
+        args.corpus,
+        args.out,
+        encoder=args.encoder,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        query_prefix=args.query_prefix,
+        passage_prefix=args.passage_prefix,
+        max_length=args.max_length,
+        overwrite=args.overwrite,
+    )
     print(json.dumps({"out": args.out, "count": manifest.count, "dim": manifest.dim, "mode": manifest.mode}))
 
 

@@ -1,4 +1,5 @@
 """HTTP client for a Search-R1 style retrieval server (ours or Search-R1's own retrieval_server.py)."""
+
 from __future__ import annotations
 
 import http.client
@@ -22,7 +23,9 @@ def retrieve_url(url: str) -> str:
     """'http://host:port' -> 'http://host:port/retrieve'; a URL with a path is kept as given."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"Retriever URL {url!r} must look like http://host:port (optionally ending in /retrieve).")
+        raise ValueError(
+            f"Retriever URL {url!r} must look like http://host:port (optionally ending in /retrieve)."
+        )
     if parts.path in ("", "/"):
         parts = parts._replace(path="/retrieve")
     return urllib.parse.urlunsplit(parts)
@@ -63,7 +66,8 @@ class HttpRetriever(Retriever):
         return RetrieverError(
             f"Retriever at {self.url} failed after {attempts} attempt(s) with a {self.timeout_s:g}s timeout: {why}. "
             "Check that the server is up and reachable (start one with `python -m tspo_jax.retrieval.server "
-            "--index=DIR --port=PORT`), or raise timeout_s/retries if it is only slow.")
+            "--index=DIR --port=PORT`), or raise timeout_s/retries if it is only slow."
+        )
 
     def _post(self, payload: dict) -> dict:
         body = json.dumps(payload).encode()
@@ -72,8 +76,9 @@ class HttpRetriever(Retriever):
             if attempts:
                 time.sleep(self.backoff_s * attempts)
             attempts += 1
-            request = urllib.request.Request(self.url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
+            )
             try:
                 with self._opener.open(request, timeout=self.timeout_s) as response:
                     raw = response.read()
@@ -82,9 +87,17 @@ class HttpRetriever(Retriever):
                 why = f"HTTP {e.code}: {detail}"
                 if e.code in _RETRY_STATUS:
                     continue
-                raise RetrieverError(f"Retriever at {self.url} rejected the request (HTTP {e.code}): {detail}") from e
-            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError,
-                    http.client.HTTPException, OSError) as e:
+                raise RetrieverError(
+                    f"Retriever at {self.url} rejected the request (HTTP {e.code}): {detail}"
+                ) from e
+            except (
+                urllib.error.URLError,
+                TimeoutError,
+                socket.timeout,
+                ConnectionError,
+                http.client.HTTPException,
+                OSError,
+            ) as e:
                 reason = getattr(e, "reason", e)
                 why = f"{type(reason).__name__}: {reason}"
                 continue
@@ -100,13 +113,17 @@ class HttpRetriever(Retriever):
         result = reply.get("result") if isinstance(reply, dict) else None
         if not isinstance(result, list) or len(result) != len(queries):
             got = f"{len(result)} result lists" if isinstance(result, list) else f"{str(reply)[:200]}"
-            raise RetrieverError(f"Retriever at {self.url} sent {got} for {len(queries)} queries; expected "
-                                 '{"result": [[...], ...]} with one list per query.')
+            raise RetrieverError(
+                f"Retriever at {self.url} sent {got} for {len(queries)} queries; expected "
+                '{"result": [[...], ...]} with one list per query.'
+            )
         docs = []
         for q, hits in enumerate(result):
             if not isinstance(hits, list):
                 raise RetrieverError(f"Retriever at {self.url}: result[{q}] is not a list.")
             if not hits:
                 log.warning("Retriever at %s returned no documents for query %r.", self.url, queries[q])
-            docs.append([_doc(item, f"Retriever at {self.url}: result[{q}][{j}]") for j, item in enumerate(hits)])
+            docs.append(
+                [_doc(item, f"Retriever at {self.url}: result[{q}][{j}]") for j, item in enumerate(hits)]
+            )
         return docs

@@ -1,4 +1,5 @@
 """A JSONL passage corpus (wiki-18 format: {"id", "contents": "Title\\ntext"}) read lazily by byte offset."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,14 @@ def _parse(line: bytes, path: str, where: str) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} ({where}): not valid JSON ({e.msg}); each line must be one JSON object.") from e
+        raise ValueError(
+            f"{path} ({where}): not valid JSON ({e.msg}); each line must be one JSON object."
+        ) from e
     if not isinstance(row, dict) or not isinstance(row.get("contents"), str):
-        raise ValueError(f'{path} ({where}): missing a string "contents" field; each line must look like '
-                         '{"id": "...", "contents": "Title\\ntext"}.')
+        raise ValueError(
+            f'{path} ({where}): missing a string "contents" field; each line must look like '
+            '{"id": "...", "contents": "Title\\ntext"}.'
+        )
     return row
 
 
@@ -41,8 +46,10 @@ class Corpus:
         if offsets.ndim != 2 or offsets.shape[1] != 2:
             raise ValueError(f"offsets must be an [N, 2] (offset, length) array, got shape {offsets.shape}.")
         if len(offsets) and offsets[-1].sum() > os.path.getsize(path):
-            raise ValueError(f"Corpus {path!r} is shorter than the index expects; it changed after the index was "
-                             "built. Rebuild the index.")
+            raise ValueError(
+                f"Corpus {path!r} is shorter than the index expects; it changed after the index was "
+                "built. Rebuild the index."
+            )
         self.path, self.offsets = path, offsets
         self._fd = os.open(path, os.O_RDONLY)
 

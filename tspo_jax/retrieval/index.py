@@ -6,6 +6,7 @@ An index directory holds:
   embeddings.npy  float32 [count, dim] (exact mode)
   scann/          the serialised ScaNN searcher (scann mode)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,17 +50,23 @@ class IndexManifest:
     @classmethod
     def load(cls, index_dir: str) -> IndexManifest:
         if not os.path.isdir(index_dir):
-            raise ValueError(f"Index directory {index_dir!r} does not exist; build one with "
-                             "`python -m tspo_jax.retrieval.build_index --corpus=FILE.jsonl --out=DIR`.")
+            raise ValueError(
+                f"Index directory {index_dir!r} does not exist; build one with "
+                "`python -m tspo_jax.retrieval.build_index --corpus=FILE.jsonl --out=DIR`."
+            )
         path = os.path.join(index_dir, MANIFEST)
         if not os.path.isfile(path):
-            raise ValueError(f"{index_dir!r} has no {MANIFEST}; it is not a finished index. Rebuild it with "
-                             "`python -m tspo_jax.retrieval.build_index`.")
+            raise ValueError(
+                f"{index_dir!r} has no {MANIFEST}; it is not a finished index. Rebuild it with "
+                "`python -m tspo_jax.retrieval.build_index`."
+            )
         with open(path) as f:
             raw = json.load(f)
         if raw.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has format_version {raw.get('format_version')}, this code reads "
-                             f"{FORMAT_VERSION}; rebuild the index.")
+            raise ValueError(
+                f"{path} has format_version {raw.get('format_version')}, this code reads "
+                f"{FORMAT_VERSION}; rebuild the index."
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
@@ -91,14 +98,14 @@ def _rank(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.n
 
 
 class ExactIndex:
-    """Brute-force inner product, in corpus blocks so memory stays O(Q * block)."""
+    """Brute-force inner product over [query_block x block] score tiles (<= 64 MiB at the defaults)."""
 
     mode = "exact"
 
-    def __init__(self, embeddings: np.ndarray, block: int = 65_536):
+    def __init__(self, embeddings: np.ndarray, block: int = 65_536, query_block: int = 256):
         if embeddings.ndim != 2 or embeddings.shape[0] == 0:
             raise ValueError(f"embeddings must be a non-empty [N, dim] array, got shape {embeddings.shape}.")
-        self.embeddings, self.block = embeddings, block
+        self.embeddings, self.block, self.query_block = embeddings, block, query_block
 
     @property
     def count(self) -> int:
@@ -107,14 +114,22 @@ class ExactIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k ids (int64) and inner-product scores (float32) per query, best first."""
         queries = _check_queries(queries, self.embeddings.shape[1], k, self.count)
+        results = [
+            self._search(queries[i : i + self.query_block], k)
+            for i in range(0, len(queries), self.query_block)
+        ]
+        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         best_ids = np.zeros((len(queries), 0), np.int64)
         best_scores = np.zeros((len(queries), 0), np.float32)
         for start in range(0, self.count, self.block):
-            block = np.asarray(self.embeddings[start:start + self.block], np.float32)
+            block = np.asarray(self.embeddings[start : start + self.block], np.float32)
             scores = queries @ block.T
             ids = np.broadcast_to(np.arange(start, start + len(block), dtype=np.int64), scores.shape)
-            best_ids, best_scores = _rank(np.concatenate([best_scores, scores], 1),
-                                          np.concatenate([best_ids, ids], 1), k)
+            best_ids, best_scores = _rank(
+                np.concatenate([best_scores, scores], 1), np.concatenate([best_ids, ids], 1), k
+            )
         return best_ids, best_scores
 
     def save(self, index_dir: str) -> None:
@@ -124,15 +139,19 @@ class ExactIndex:
     def load(cls, index_dir: str) -> ExactIndex:
         path = os.path.join(index_dir, EMBEDDINGS)
         if not os.path.isfile(path):
-            raise ValueError(f"{index_dir!r} is an exact index but {EMBEDDINGS} is missing; rebuild the index.")
+            raise ValueError(
+                f"{index_dir!r} is an exact index but {EMBEDDINGS} is missing; rebuild the index."
+            )
         return cls(np.load(path, mmap_mode="r"))
 
 
 def scann_params_for(count: int) -> dict:
     """Tree + AH + reorder settings scaled with corpus size (ScaNN's sqrt(N) leaves rule of thumb)."""
     if count < MIN_SCANN_POINTS:
-        raise ValueError(f"ScaNN needs at least {MIN_SCANN_POINTS} passages to train its partitions, got {count}; "
-                         "use mode='exact' (brute force) for a corpus this small.")
+        raise ValueError(
+            f"ScaNN needs at least {MIN_SCANN_POINTS} passages to train its partitions, got {count}; "
+            "use mode='exact' (brute force) for a corpus this small."
+        )
     num_leaves = max(8, min(int(round(math.sqrt(count))), 8192))
     # Search 5% of the leaves, but at least MIN_SCANNED points' worth: tiny corpora get scanned
     # (almost) fully, which is cheap, while 21M passages search ~1M AH-scored candidates.
@@ -165,28 +184,39 @@ class ScannIndex:
         params = params or scann_params_for(count)
         searcher = (
             scann.scann_ops_pybind.builder(embeddings, 10, "dot_product")
-            .tree(num_leaves=params["num_leaves"], num_leaves_to_search=params["leaves_to_search"],
-                  training_sample_size=params["training_sample_size"],
-                  min_partition_size=params["min_partition_size"])
-            .score_ah(params["dims_per_block"],
-                      anisotropic_quantization_threshold=params["anisotropic_quantization_threshold"])
+            .tree(
+                num_leaves=params["num_leaves"],
+                num_leaves_to_search=params["leaves_to_search"],
+                training_sample_size=params["training_sample_size"],
+                min_partition_size=params["min_partition_size"],
+            )
+            .score_ah(
+                params["dims_per_block"],
+                anisotropic_quantization_threshold=params["anisotropic_quantization_threshold"],
+            )
             .reorder(params["reorder"])
-            .build())
+            .build()
+        )
         return cls(searcher, count, dim, params)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Approximate top-k ids (int64) and inner-product scores (float32) per query, best first."""
         queries = _check_queries(queries, self.dim, k, self.count)
         pre = min(self.count, max(self.params["reorder"], 2 * k))
-        ids, scores = self.searcher.search_batched(queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre)
+        ids, scores = self.searcher.search_batched(
+            queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre
+        )
         ids, scores = np.asarray(ids, np.int64), np.asarray(scores, np.float32)
         # The searched leaves may hold fewer than k points: ScaNN pads with NaN. Redo those
         # queries over every leaf so a valid k <= count always gets k real results.
         short = np.isnan(scores).any(axis=1)
         if short.any():
-            i2, s2 = self.searcher.search_batched(queries[short], final_num_neighbors=k,
-                                                  pre_reorder_num_neighbors=self.count,
-                                                  leaves_to_search=self.params["num_leaves"])
+            i2, s2 = self.searcher.search_batched(
+                queries[short],
+                final_num_neighbors=k,
+                pre_reorder_num_neighbors=self.count,
+                leaves_to_search=self.params["num_leaves"],
+            )
             ids[short], scores[short] = np.asarray(i2, np.int64), np.asarray(s2, np.float32)
         return ids, scores
 
@@ -201,8 +231,10 @@ class ScannIndex:
 
         path = os.path.join(index_dir, SCANN_DIR)
         if not os.path.isfile(os.path.join(path, "scann_assets.pbtxt")):
-            raise ValueError(f"{index_dir!r} is a ScaNN index but {SCANN_DIR}/scann_assets.pbtxt is missing; "
-                             "rebuild the index.")
+            raise ValueError(
+                f"{index_dir!r} is a ScaNN index but {SCANN_DIR}/scann_assets.pbtxt is missing; "
+                "rebuild the index."
+            )
         return cls(scann.scann_ops_pybind.load_searcher(path), count, dim, params)
 
 
@@ -219,12 +251,16 @@ def load_vector_index(index_dir: str, manifest: IndexManifest) -> ExactIndex | S
     if manifest.mode == "exact":
         index = ExactIndex.load(index_dir)
         if index.embeddings.shape != (manifest.count, manifest.dim):
-            raise ValueError(f"{EMBEDDINGS} has shape {index.embeddings.shape}, manifest says "
-                             f"({manifest.count}, {manifest.dim}); rebuild the index.")
+            raise ValueError(
+                f"{EMBEDDINGS} has shape {index.embeddings.shape}, manifest says "
+                f"({manifest.count}, {manifest.dim}); rebuild the index."
+            )
         return index
     if manifest.mode == "scann":
         if not manifest.scann:
-            raise ValueError(f"{index_dir!r}: manifest of a ScaNN index has no 'scann' parameters; rebuild it.")
+            raise ValueError(
+                f"{index_dir!r}: manifest of a ScaNN index has no 'scann' parameters; rebuild it."
+            )
         return ScannIndex.load(index_dir, manifest.count, manifest.dim, manifest.scann)
     raise ValueError(f"manifest mode {manifest.mode!r} is not one of {MODES}; rebuild the index.")
 

@@ -8,6 +8,7 @@ POST /retrieve {"queries": [...], "topk": 3, "return_scores": true}
 GET /health -> {"status": "ok", "count": N, "mode": "exact"|"scann"}
 Bad requests get HTTP 400 with {"error": message}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,10 @@ def _rows(retriever: Retriever, queries: list[str], topk: int) -> list[list[tupl
     """Corpus rows as stored when the retriever has them (LocalRetriever), else rebuilt from Docs."""
     if hasattr(retriever, "search_rows"):
         return retriever.search_rows(queries, topk)
-    return [[({"id": d.id, "contents": f"{d.title}\n{d.text}"}, d.score) for d in docs]
-            for docs in retriever.search(queries, topk)]
+    return [
+        [({"id": d.id, "contents": f"{d.title}\n{d.text}"}, d.score) for d in docs]
+        for docs in retriever.search(queries, topk)
+    ]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -56,8 +59,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             length = -1
         if not 0 < length <= MAX_BODY_BYTES:
-            self._send(400 if length <= 0 else 413,
-                       {"error": f"need a JSON body of 1..{MAX_BODY_BYTES} bytes with Content-Length"})
+            self._send(
+                400 if length <= 0 else 413,
+                {"error": f"need a JSON body of 1..{MAX_BODY_BYTES} bytes with Content-Length"},
+            )
             return
         try:
             request = json.loads(self.rfile.read(length))
@@ -93,7 +98,9 @@ class RetrievalServer(ThreadingHTTPServer):
 
     daemon_threads = True  # a stuck client never blocks shutdown
 
-    def __init__(self, retriever: Retriever, host: str = "127.0.0.1", port: int = 8000, default_topk: int = 3):
+    def __init__(
+        self, retriever: Retriever, host: str = "127.0.0.1", port: int = 8000, default_topk: int = 3
+    ):
         super().__init__((host, port), _Handler)
         self.retriever, self.default_topk, self.lock = retriever, default_topk, threading.Lock()
         self.count = getattr(retriever, "count", None)
@@ -125,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from tspo_jax.retrieval.local import LocalRetriever  # heavy (JAX, ScaNN): only when serving
 
-    retriever = LocalRetriever(args.index, corpus_path=args.corpus, encoder_path=args.encoder,
-                               batch_size=args.batch_size)
+    retriever = LocalRetriever(
+        args.index, corpus_path=args.corpus, encoder_path=args.encoder, batch_size=args.batch_size
+    )
     retriever.search(["warm-up query"], 1)  # compile the short-query program before the first client
     server = RetrievalServer(retriever, args.host, args.port, default_topk=args.topk)
     log.info("serving %d passages (%s) on %s/retrieve", retriever.count, retriever.manifest.mode, server.url)
