@@ -81,6 +81,12 @@ def bucket(n: int, minimum: int = 8) -> int:
     return b
 
 
+def _attend_len(needed: int, max_len: int) -> int:
+    """The cache prefix a call attends over: every slot it can write lies below it. Bucketed to
+    powers of two so a whole rollout compiles only a few variants."""
+    return min(bucket(needed, 128), max_len)
+
+
 def _last_valid_logits(logits, valid, previous):
     """Per row, the logits after its last valid token of the block; rows with none keep `previous`."""
     c = valid.shape[1]
@@ -140,11 +146,11 @@ class Sampler:
         self._completes = jnp.asarray(stop_table.completes)
         self.compile_counts: Counter = Counter()
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("max_len",))
-        self._append = jax.jit(self._append_impl, donate_argnames=("gen",))
+        self._append = jax.jit(self._append_impl, donate_argnames=("gen",), static_argnames=("attend_len",))
         self._decode = jax.jit(
             self._decode_impl,
             donate_argnames=("gen",),
-            static_argnames=("max_new", "greedy", "top_k", "use_top_p"),
+            static_argnames=("max_new", "greedy", "top_k", "use_top_p", "attend_len"),
         )
 
     @classmethod
@@ -152,23 +158,36 @@ class Sampler:
         return cls(nnx.graphdef(model), model.cfg, **kw)
 
     # --- compiled bodies ----------------------------------------------------------------------------
-    def _forward(self, state, tokens, valid, cache):
-        return apply(self.graphdef, state, tokens, valid=valid, cache=cache)
+    def _forward(self, state, tokens, valid, cache, attend_len=None):
+        return apply(self.graphdef, state, tokens, valid=valid, cache=cache, attend_len=attend_len)
 
     def _prefill_impl(self, state, tokens, valid, max_len):
         self.compile_counts["prefill"] += 1
         cache = KVCache.init(self.cfg, tokens.shape[0], max_len)
-        logits, cache = self._forward(state, tokens, valid, cache)
+        logits, cache = self._forward(state, tokens, valid, cache, attend_len=tokens.shape[1])
         next_logits = _last_valid_logits(logits, valid, jnp.zeros(logits.shape[::2], jnp.float32))
         return GenState(cache, next_logits)
 
-    def _append_impl(self, state, gen, tokens, valid):
+    def _append_impl(self, state, gen, tokens, valid, attend_len):
         self.compile_counts["append"] += 1
-        logits, cache = self._forward(state, tokens, valid, gen.cache)
+        logits, cache = self._forward(state, tokens, valid, gen.cache, attend_len)
         return GenState(cache, _last_valid_logits(logits, valid, gen.next_logits))
 
     def _decode_impl(
-        self, state, gen, rng, active, budget, temperature, top_p, *, max_new, greedy, top_k, use_top_p
+        self,
+        state,
+        gen,
+        rng,
+        active,
+        budget,
+        temperature,
+        top_p,
+        *,
+        max_new,
+        greedy,
+        top_k,
+        use_top_p,
+        attend_len,
     ):
         self.compile_counts["decode"] += 1
         b = active.shape[0]
@@ -213,7 +232,7 @@ class Sampler:
             reason = jnp.where(live, new_reason, reason)
             which = jnp.where(hit_string, completes, which)
             valid = live[:, None]
-            logits, cache = self._forward(state, tok[:, None], valid, gen.cache)
+            logits, cache = self._forward(state, tok[:, None], valid, gen.cache, attend_len)
             gen = GenState(cache, _last_valid_logits(logits, valid, gen.next_logits))
             done = done | (new_reason != RUNNING)
             return step + 1, gen, rng, done, reason, which, matcher, count, toks, lps
@@ -242,7 +261,10 @@ class Sampler:
         return self._prefill(state, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), max_len=max_len)
 
     def append(self, state, gen: GenState, tokens, valid) -> GenState:
-        return self._append(state, gen, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool))
+        attend = _attend_len(int(gen.cache.index) + np.shape(tokens)[1], gen.cache.max_len)
+        return self._append(
+            state, gen, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), attend_len=attend
+        )
 
     def decode(
         self, state, gen: GenState, rng, *, max_new: int, params: SamplingParams, active=None, budget=None
@@ -262,6 +284,7 @@ class Sampler:
             greedy=params.greedy,
             top_k=params.top_k,
             use_top_p=params.top_p < 1.0,
+            attend_len=_attend_len(int(gen.cache.index) + max_new, gen.cache.max_len),
         )
 
     def generate(

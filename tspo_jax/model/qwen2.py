@@ -7,7 +7,8 @@ before its own slot. A left-padded prompt, one decode step, and an observation a
 some rows are all such blocks.
 
 KV cache layout (`KVCache`):
-  k, v     [layers, batch, max_len, kv_heads, head_dim]   keys after RoPE, values
+  k, v     per layer, [batch, kv_heads, max_len, head_dim]: keys after RoPE, values (the
+           slot axis next to head_dim makes attention a plain batched matmul)
   valid    [batch, max_len] bool    slot holds a real token of that row
   index    []  int32                next slot to write (shared by all rows)
   next_pos [batch] int32            RoPE position the row's next real token gets
@@ -211,10 +212,10 @@ class KVCache:
     @classmethod
     def init(cls, cfg: Qwen2Config, batch: int, max_len: int, dtype=None) -> "KVCache":
         dtype = dtype or cfg.jnp_dtype
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             valid=jnp.zeros((batch, max_len), bool),
             index=jnp.zeros((), jnp.int32),
             next_pos=jnp.zeros((batch,), jnp.int32),
@@ -222,7 +223,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[2]
 
 
 def block_positions(valid: jax.Array, start: jax.Array | None = None) -> jax.Array:
@@ -287,17 +288,18 @@ class Attention(nnx.Module):
         v = jnp.einsum("bcd,dhk->bchk", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(dt)
         q = rope(q, positions, cfg.rope_theta)
         k = rope(k, positions, cfg.rope_theta)
-        keys, values = (k, v) if kv_update is None else kv_update(k, v)
+        # Keys and values as [B, KV, S, HD], the cache layout.
+        keys, values = (k.swapaxes(1, 2), v.swapaxes(1, 2)) if kv_update is None else kv_update(k, v)
         keys, values = keys.astype(dt), values.astype(dt)
         b, c = x.shape[:2]
         groups = cfg.num_heads // cfg.num_kv_heads
         # Grouped-query attention without materialising repeated K/V: split query heads by KV head.
         q = q.reshape(b, c, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("bckgd,bskd->bkgcs", q, keys).astype(jnp.float32)
+        scores = jnp.einsum("bckgd,bksd->bkgcs", q, keys).astype(jnp.float32)
         scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim))
         scores = jnp.where(attn_mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgcs,bskd->bckgd", probs, values).reshape(b, c, cfg.num_heads, cfg.head_dim)
+        out = jnp.einsum("bkgcs,bksd->bckgd", probs, values).reshape(b, c, cfg.num_heads, cfg.head_dim)
         return jnp.einsum("bchk,hkd->bcd", out, self.o_kernel[...].astype(dt))
 
 
@@ -346,13 +348,21 @@ class Qwen2(nnx.Module):
         return self.lm_head[...]
 
     def __call__(
-        self, tokens, valid=None, positions=None, cache: KVCache | None = None, return_hidden: bool = False
+        self,
+        tokens,
+        valid=None,
+        positions=None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+        attend_len: int | None = None,
     ):
         """tokens, valid, positions: [B, C]. Returns (logits [B, C, V] or final hidden [B, C, D], cache).
 
         Without a cache the block attends causally within itself (training / scoring). With a cache
         the block is written at slots [cache.index, cache.index + C) and attends to every valid slot
         up to its own; `positions` default to continuing each row's count from `cache.next_pos`.
+        `attend_len` (static) limits attention to the first slots of the cache: a caller that knows
+        every written slot lies below it saves the work on the empty rest.
         """
         cfg = self.cfg
         b, c = tokens.shape
@@ -368,12 +378,12 @@ class Qwen2(nnx.Module):
             attn_mask = causal[None] & valid[:, None, :]
             new_valid = None
         else:
-            s = cache.max_len
+            s = cache.max_len if attend_len is None else min(attend_len, cache.max_len)
             new_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, axis=1)
             slot = jnp.arange(s)
             query_slot = cache.index + jnp.arange(c)
             causal = slot[None, :] <= query_slot[:, None]  # [C, S]
-            attn_mask = causal[None] & new_valid[:, None, :]
+            attn_mask = causal[None] & new_valid[:, None, :s]
 
         if cache is None:
             block_fn = _remat_block if cfg.remat else _call_block
@@ -383,20 +393,24 @@ class Qwen2(nnx.Module):
         else:
             # Write each layer's block straight into the stacked cache so a donated cache is
             # updated in place instead of being rebuilt every step.
-            k_all, v_all = cache.k, cache.v
+            # One buffer per layer, updated with a dynamic_update_slice that XLA performs in place
+            # on a donated cache (a stacked [layers, ...] buffer was copied every step on CPU).
+            new_k, new_v = [], []
             for i, layer in enumerate(self.layers):
 
                 def kv_update(k, v, i=i):
-                    nonlocal k_all, v_all
-                    start = (i, 0, cache.index, 0, 0)
-                    k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-                    v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-                    return k_all[i], v_all[i]
+                    k = k.swapaxes(1, 2).astype(cache.k[i].dtype)  # [B, KV, C, HD]: the cache layout
+                    v = v.swapaxes(1, 2).astype(cache.v[i].dtype)
+                    ck = jax.lax.dynamic_update_slice_in_dim(cache.k[i], k, cache.index, 2)
+                    cv = jax.lax.dynamic_update_slice_in_dim(cache.v[i], v, cache.index, 2)
+                    new_k.append(ck)
+                    new_v.append(cv)
+                    return ck[:, :, :s], cv[:, :, :s]
 
                 x = layer(x, positions, kv_update, attn_mask)
             out_cache = KVCache(
-                k=k_all,
-                v=v_all,
+                k=tuple(new_k),
+                v=tuple(new_v),
                 valid=new_valid,
                 index=cache.index + c,
                 next_pos=cache.next_pos + valid.sum(axis=1).astype(jnp.int32),
