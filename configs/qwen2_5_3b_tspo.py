@@ -1,0 +1,163 @@
+"""TSPO on Qwen2.5-3B with Search-R1's recipe (NQ + HotpotQA train, wiki-18 over a retrieval server).
+
+  export TSPO_MODEL_DIR=/path/to/Qwen2.5-3B           # an HF checkpoint directory (config.json + safetensors)
+  export TSPO_DATA_DIR=/path/to/nq_hotpotqa_train     # Search-R1's train.parquet and test.parquet
+  bash launch/retriever_server.sh --index=/path/to/e5_index --port=8000 --background
+  python -m tspo_jax.train --config=configs/qwen2_5_3b_tspo.py:gpu8 --workdir=runs/qwen2_5_3b_tspo
+
+The text after ':' picks the device mesh (see MESHES; default gpu8). Environment variables fill the
+paths when the config is loaded; --config.model.checkpoint=DIR etc. override them. An unset
+TSPO_MODEL_DIR leaves a placeholder that validate_config rejects, naming the variable.
+
+This file also holds the recipe the other Search-R1-scale configs start from (search_r1_config).
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from tspo_jax import advantages, losses, rewards, rollout
+from tspo_jax.model import qwen2
+
+# Device meshes, (data, fsdp, tensor). Parameters are sharded over fsdp x tensor, batches over
+# data x fsdp (tspo_jax/sharding.py), so micro_batch must be a multiple of data * fsdp.
+# - gpu8: one node of 8 GPUs, pure FSDP. The fp32 state of 3B (params, 2 Adam moments, gradient
+#   accumulator, frozen reference: 5 x 12.3 GB) is 7.7 GB per GPU.
+# - gpu8_tp2: 8 GPUs as 4-way FSDP x 2-way tensor parallel. Decoding all-gathers fsdp-sharded
+#   weights every token; tensor sharding instead keeps half of each matmul local. Try it when
+#   generation dominates the step time.
+# - tpu_v4_32: a v4-32 slice = 16 chips on 4 hosts (one JAX device per chip, megacore).
+# - tpu_v5e_64: a v5litepod-64 slice = 64 chips on 16 hosts of 4 chips. Tensor 4 = the chips of
+#   one host; 16 GB of HBM per chip is why the state is spread 64 ways.
+# - fsdp_any: FSDP over however many devices there are (a smaller node, a CPU smoke test).
+MESHES = {
+    "gpu8": (1, 8, 1),
+    "gpu8_tp2": (1, 4, 2),
+    "tpu_v4_32": (1, 16, 1),
+    "tpu_v5e_64": (1, 16, 4),
+    "fsdp_any": (1, -1, 1),
+}
+DEFAULT_MESH = "gpu8"
+
+# Environment variables the Search-R1-scale configs read when loaded.
+MODEL_DIR_ENV = "TSPO_MODEL_DIR"
+DATA_DIR_ENV = "TSPO_DATA_DIR"
+RETRIEVER_URL_ENV = "TSPO_RETRIEVER_URL"
+DEFAULT_DATA_DIR = "~/data/nq_hotpotqa_train"  # where Search-R1's data scripts write it
+DEFAULT_RETRIEVER_URL = "http://127.0.0.1:8000"  # launch/retriever_server.sh's default port
+
+
+def mesh_shape(arg: str) -> tuple[int, int, int]:
+    name = arg or DEFAULT_MESH
+    if name not in MESHES:
+        raise ValueError(f"unknown mesh {name!r} after ':' in --config; choose one of {sorted(MESHES)}, "
+                         f"e.g. --config=configs/qwen2_5_3b_tspo.py:{DEFAULT_MESH}")
+    return MESHES[name]
+
+
+def checkpoint_from_env(hf_name: str) -> str:
+    """The checkpoint directory from $TSPO_MODEL_DIR, else a placeholder that names the fix.
+
+    Never "" here: "" means "train a fresh random model", which must not happen by accident."""
+    value = os.environ.get(MODEL_DIR_ENV, "").strip()
+    if value:
+        return os.path.abspath(os.path.expanduser(value))
+    return (f"${MODEL_DIR_ENV} (unset: export {MODEL_DIR_ENV}=/path/to/{hf_name} or pass "
+            f"--config.model.checkpoint=/path/to/{hf_name})")
+
+
+def arch_of(preset: str | qwen2.Qwen2Config) -> ml_collections.ConfigDict:
+    """model.arch: only used when model.checkpoint is "" (a fresh model); kept equal to the
+    released shapes so that a from-scratch run builds the same network."""
+    p = qwen2.preset(preset) if isinstance(preset, str) else preset
+    return ml_collections.ConfigDict(dict(
+        hidden_size=p.hidden_size, intermediate_size=p.intermediate_size, num_layers=p.num_layers,
+        num_heads=p.num_heads, num_kv_heads=p.num_kv_heads, rope_theta=p.rope_theta,
+        tie_word_embeddings=p.tie_word_embeddings, max_position_embeddings=p.max_position_embeddings))
+
+
+def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int) -> ml_collections.ConfigDict:
+    """Search-R1's GRPO recipe (train_grpo.sh) with the TSPO advantage, same keys as configs/demo.py."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1005  # Search-R1: trainer.total_training_steps=1005
+    c.prompts_per_step = 512  # data.train_batch_size
+    c.group_size = 5  # n rollouts per prompt (rollout.n_agent)
+    c.mini_batch = 256  # trajectories per optimizer step: 2560 / 256 = 10 updates per step
+    # Rows per gradient-accumulation slice: memory only, the update is the same for any value.
+    c.micro_batch = micro_batch
+    c.ppo_epochs = 1
+    # The sampler (KV-cache decode) and the trainer (full forward) round differently in bf16, so
+    # the PPO ratio's denominator is recomputed by the trainer's forward, as verl does.
+    c.recompute_old_logprobs = True
+    c.checkpoint_every = 100  # trainer.save_freq
+    c.keep_checkpoints = 2  # each holds fp32 params + Adam moments (37 GB for 3B)
+    c.progress_bar = True
+    c.mesh = ml_collections.ConfigDict({"shape": mesh_shape(mesh_arg)})
+
+    c.model = ml_collections.ConfigDict()
+    c.model.checkpoint = checkpoint_from_env(hf_name)
+    c.model.tokenizer = ""  # the checkpoint's own tokenizer
+    c.model.arch = arch_of(preset)
+    c.model.init_seed = 0
+    # fp32 parameters, bf16 compute. optax.adamw creates its moments with the parameters' dtype, so
+    # bf16 parameters would mean bf16 Adam state *and* bf16 updates: at lr 1e-6 an update is far
+    # below half a bf16 ulp of a typical weight (0.02 * 2**-8 = 8e-5) and rounds away (tests/
+    # test_configs.py shows it). fp32 master weights keep the updates and fp32 moments; every
+    # matmul, the KV cache and the activations still run in bf16.
+    c.model.param_dtype = "float32"
+    c.model.dtype = "bfloat16"
+    c.model.remat = True  # Search-R1: enable_gradient_checkpointing=true
+
+    data_dir = os.path.expanduser(os.environ.get(DATA_DIR_ENV, "").strip() or DEFAULT_DATA_DIR)
+    c.data = ml_collections.ConfigDict({"train": os.path.join(data_dir, "train.parquet"),
+                                        "test": os.path.join(data_dir, "test.parquet")})
+
+    c.retriever = ml_collections.ConfigDict()
+    # A Search-R1 /retrieve server (launch/retriever_server.sh) holding the e5 index of wiki-18.
+    c.retriever.spec = os.environ.get(RETRIEVER_URL_ENV, "").strip() or DEFAULT_RETRIEVER_URL
+    c.retriever.corpus = ""  # the server holds the corpus
+    c.retriever.index_dir = ""
+    c.retriever.mode = "scann"
+    c.retriever.timeout_s = 300.0  # one request carries up to 2,560 queries
+    c.retriever.retries = 2
+
+    c.rollout = ml_collections.ConfigDict(dict(
+        max_turns=4, max_response_length=500, max_obs_length=500,
+        max_prompt_length=2048,  # Search-R1: data.max_start_length=2048
+        # Search-R1 caps the rolling context at data.max_prompt_length=4096 before each 500-token
+        # turn; 4096 + 500 rounded up to a multiple of 64 is the same budget for our KV cache.
+        max_context_length=4608,
+        topk=3, temperature=1.0, top_p=1.0, top_k=0, greedy=False,  # evaluation is greedy (train.py)
+        resume="cache", on_retriever_error="raise",  # a dead retriever stops the run; rerun resumes
+        template=rollout.DEFAULT_TEMPLATE,
+        # Search-R1's verl applies the tokenizer's chat template; Qwen2.5 base tokenizers have one too.
+        use_chat_template=True))
+
+    c.warmstart = ml_collections.ConfigDict(dict(steps=0, lr=1e-5, batch_size=16, seed=0, from_dir=""))
+
+    c.reward = rewards.default_config()  # EM, FOLR alpha 0.5 (TSPO.md)
+    c.reward.num_turns = c.rollout.max_turns + 1
+    c.advantage = advantages.default_config()  # name = "tspo"
+    c.loss = losses.default_config()  # PPO clip 0.2, low_var_kl
+    c.loss.kl_coef = 0.001  # actor.kl_loss_coef, kl_loss_type=low_var_kl
+    # Search-R1's scripts leave verl's entropy_coeff at its default, 0.001: we keep it.
+    c.loss.entropy_coef = 0.001
+    c.loss.logprob_chunk = 256
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-6, schedule="constant", warmup_ratio=0.285, warmup_steps=None, weight_decay=0.01,
+        b1=0.9, b2=0.999, grad_clip=1.0))
+    c.optim.warmup_steps = ml_collections.config_dict.placeholder(int)  # None: from warmup_ratio
+
+    # trainer.test_freq=50, val_batch_size=256. The in-training evaluation reads the first
+    # max_examples rows of data.test; full seven-dataset EM is tspo_jax.evaluate's job.
+    c.eval = ml_collections.ConfigDict(dict(every=50, max_examples=2048, batch_size=256))
+    return c
+
+
+def get_config(arg: str = DEFAULT_MESH) -> ml_collections.ConfigDict:
+    # micro_batch 64 = Search-R1's ppo_micro_batch_size; 8 rows per GPU on gpu8.
+    return search_r1_config("qwen2.5-3b", "Qwen2.5-3B", arg, micro_batch=64)
