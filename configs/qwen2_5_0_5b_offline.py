@@ -21,7 +21,8 @@ from tspo_jax.model import qwen2
 from tspo_jax.model.build_offline_checkpoint import default_checkpoint_dir
 
 _spec = importlib.util.spec_from_file_location(
-    "tspo_qwen2_5_3b_tspo_config", os.path.join(os.path.dirname(__file__), "qwen2_5_3b_tspo.py"))
+    "tspo_qwen2_5_3b_tspo_config", os.path.join(os.path.dirname(__file__), "qwen2_5_3b_tspo.py")
+)
 _base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_base)
 
@@ -43,7 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Unused while model.checkpoint is set (its config.json wins); mirrors it when it is built.
     config_json = checkpoint / "config.json"
     c.model.arch = _base.arch_of(
-        qwen2.Qwen2Config.from_hf_config(str(config_json)) if config_json.exists() else "qwen2.5-0.5b")
+        qwen2.Qwen2Config.from_hf_config(str(config_json)) if config_json.exists() else "qwen2.5-0.5b"
+    )
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"  # CPUs have no fast bf16 matmul
     c.model.remat = False

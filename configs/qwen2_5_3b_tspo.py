@@ -32,6 +32,9 @@ from tspo_jax.model import qwen2
 # - tpu_v5e_64: a v5litepod-64 slice = 64 chips on 16 hosts of 4 chips. Tensor 4 = the chips of
 #   one host; 16 GB of HBM per chip is why the state is spread 64 ways.
 # - fsdp_any: FSDP over however many devices there are (a smaller node, a CPU smoke test).
+# The rollout's bf16 KV cache is the other big item: 36 KB per token for 3B (36 layers x 2 KV heads
+# x 128 x K,V), so 2,560 rows x 4,608 positions take 435 GB, 54 GB per GPU on gpu8 when split
+# over the batch axes (launch/gpu_node.sh raises XLA's memory fraction to 0.92 for it).
 MESHES = {
     "gpu8": (1, 8, 1),
     "gpu8_tp2": (1, 4, 2),
@@ -52,8 +55,10 @@ DEFAULT_RETRIEVER_URL = "http://127.0.0.1:8000"  # launch/retriever_server.sh's 
 def mesh_shape(arg: str) -> tuple[int, int, int]:
     name = arg or DEFAULT_MESH
     if name not in MESHES:
-        raise ValueError(f"unknown mesh {name!r} after ':' in --config; choose one of {sorted(MESHES)}, "
-                         f"e.g. --config=configs/qwen2_5_3b_tspo.py:{DEFAULT_MESH}")
+        raise ValueError(
+            f"unknown mesh {name!r} after ':' in --config; choose one of {sorted(MESHES)}, "
+            f"e.g. --config=configs/qwen2_5_3b_tspo.py:{DEFAULT_MESH}"
+        )
     return MESHES[name]
 
 
@@ -64,18 +69,28 @@ def checkpoint_from_env(hf_name: str) -> str:
     value = os.environ.get(MODEL_DIR_ENV, "").strip()
     if value:
         return os.path.abspath(os.path.expanduser(value))
-    return (f"${MODEL_DIR_ENV} (unset: export {MODEL_DIR_ENV}=/path/to/{hf_name} or pass "
-            f"--config.model.checkpoint=/path/to/{hf_name})")
+    return (
+        f"${MODEL_DIR_ENV} (unset: export {MODEL_DIR_ENV}=/path/to/{hf_name} or pass "
+        f"--config.model.checkpoint=/path/to/{hf_name})"
+    )
 
 
 def arch_of(preset: str | qwen2.Qwen2Config) -> ml_collections.ConfigDict:
     """model.arch: only used when model.checkpoint is "" (a fresh model); kept equal to the
     released shapes so that a from-scratch run builds the same network."""
     p = qwen2.preset(preset) if isinstance(preset, str) else preset
-    return ml_collections.ConfigDict(dict(
-        hidden_size=p.hidden_size, intermediate_size=p.intermediate_size, num_layers=p.num_layers,
-        num_heads=p.num_heads, num_kv_heads=p.num_kv_heads, rope_theta=p.rope_theta,
-        tie_word_embeddings=p.tie_word_embeddings, max_position_embeddings=p.max_position_embeddings))
+    return ml_collections.ConfigDict(
+        dict(
+            hidden_size=p.hidden_size,
+            intermediate_size=p.intermediate_size,
+            num_layers=p.num_layers,
+            num_heads=p.num_heads,
+            num_kv_heads=p.num_kv_heads,
+            rope_theta=p.rope_theta,
+            tie_word_embeddings=p.tie_word_embeddings,
+            max_position_embeddings=p.max_position_embeddings,
+        )
+    )
 
 
 def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int) -> ml_collections.ConfigDict:
@@ -112,8 +127,9 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
     c.model.remat = True  # Search-R1: enable_gradient_checkpointing=true
 
     data_dir = os.path.expanduser(os.environ.get(DATA_DIR_ENV, "").strip() or DEFAULT_DATA_DIR)
-    c.data = ml_collections.ConfigDict({"train": os.path.join(data_dir, "train.parquet"),
-                                        "test": os.path.join(data_dir, "test.parquet")})
+    c.data = ml_collections.ConfigDict(
+        {"train": os.path.join(data_dir, "train.parquet"), "test": os.path.join(data_dir, "test.parquet")}
+    )
 
     c.retriever = ml_collections.ConfigDict()
     # A Search-R1 /retrieve server (launch/retriever_server.sh) holding the e5 index of wiki-18.
@@ -124,17 +140,27 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
     c.retriever.timeout_s = 300.0  # one request carries up to 2,560 queries
     c.retriever.retries = 2
 
-    c.rollout = ml_collections.ConfigDict(dict(
-        max_turns=4, max_response_length=500, max_obs_length=500,
-        max_prompt_length=2048,  # Search-R1: data.max_start_length=2048
-        # Search-R1 caps the rolling context at data.max_prompt_length=4096 before each 500-token
-        # turn; 4096 + 500 rounded up to a multiple of 64 is the same budget for our KV cache.
-        max_context_length=4608,
-        topk=3, temperature=1.0, top_p=1.0, top_k=0, greedy=False,  # evaluation is greedy (train.py)
-        resume="cache", on_retriever_error="raise",  # a dead retriever stops the run; rerun resumes
-        template=rollout.DEFAULT_TEMPLATE,
-        # Search-R1's verl applies the tokenizer's chat template; Qwen2.5 base tokenizers have one too.
-        use_chat_template=True))
+    c.rollout = ml_collections.ConfigDict(
+        dict(
+            max_turns=4,
+            max_response_length=500,
+            max_obs_length=500,
+            max_prompt_length=2048,  # Search-R1: data.max_start_length=2048
+            # Search-R1 caps the rolling context at data.max_prompt_length=4096 before each 500-token
+            # turn; 4096 + 500 rounded up to a multiple of 64 is the same budget for our KV cache.
+            max_context_length=4608,
+            topk=3,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            greedy=False,  # evaluation is greedy (train.py)
+            resume="cache",
+            on_retriever_error="raise",  # a dead retriever stops the run; rerun resumes
+            template=rollout.DEFAULT_TEMPLATE,
+            # Search-R1's verl applies the tokenizer's chat template; Qwen2.5 base tokenizers have one too.
+            use_chat_template=True,
+        )
+    )
 
     c.warmstart = ml_collections.ConfigDict(dict(steps=0, lr=1e-5, batch_size=16, seed=0, from_dir=""))
 
@@ -147,9 +173,18 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
     c.loss.entropy_coef = 0.001
     c.loss.logprob_chunk = 256
 
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-6, schedule="constant", warmup_ratio=0.285, warmup_steps=None, weight_decay=0.01,
-        b1=0.9, b2=0.999, grad_clip=1.0))
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=1e-6,
+            schedule="constant",
+            warmup_ratio=0.285,
+            warmup_steps=None,
+            weight_decay=0.01,
+            b1=0.9,
+            b2=0.999,
+            grad_clip=1.0,
+        )
+    )
     c.optim.warmup_steps = ml_collections.config_dict.placeholder(int)  # None: from warmup_ratio
 
     # trainer.test_freq=50, val_batch_size=256. The in-training evaluation reads the first

@@ -15,7 +15,8 @@ import importlib.util
 import os
 
 _spec = importlib.util.spec_from_file_location(
-    "tspo_qwen2_5_3b_tspo_config", os.path.join(os.path.dirname(__file__), "qwen2_5_3b_tspo.py"))
+    "tspo_qwen2_5_3b_tspo_config", os.path.join(os.path.dirname(__file__), "qwen2_5_3b_tspo.py")
+)
 _base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_base)
 

@@ -51,7 +51,9 @@ def load(name: str, arg: str | None = None, overrides: tuple[str, ...] = ()) -> 
     argv = ["train", f"--config={spec}", *overrides]
     fv = flags.FlagValues()
     # sys_argv: config_flags finds the --config.KEY overrides there before parsing.
-    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv)
+    config_flags.DEFINE_config_file(
+        "config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv
+    )
     fv(argv)
     return fv.config
 
@@ -157,18 +159,30 @@ def test_passes_validate_config_with_stand_ins(name, arg, stand_ins, monkeypatch
 @pytest.mark.parametrize("name", SCALE_CONFIGS)
 def test_command_line_overrides_replace_the_env_paths(name, stand_ins):
     ckpt, data_dir = stand_ins
-    c = load(name, "gpu8", (f"--config.model.checkpoint={ckpt}", f"--config.data.train={data_dir}/train.parquet",
-                            f"--config.data.test={data_dir}/test.parquet"))
+    c = load(
+        name,
+        "gpu8",
+        (
+            f"--config.model.checkpoint={ckpt}",
+            f"--config.data.train={data_dir}/train.parquet",
+            f"--config.data.test={data_dir}/test.parquet",
+        ),
+    )
     validate_config(c)
 
 
 @pytest.mark.parametrize("name", SCALE_CONFIGS)
 def test_unset_checkpoint_gets_a_clear_error(name, stand_ins):
     _, data_dir = stand_ins
-    c = load(name, "gpu8", (f"--config.data.train={data_dir}/train.parquet",
-                            f"--config.data.test={data_dir}/test.parquet"))
+    c = load(
+        name,
+        "gpu8",
+        (f"--config.data.train={data_dir}/train.parquet", f"--config.data.test={data_dir}/test.parquet"),
+    )
     assert c.model.checkpoint, '"" would silently train a randomly initialised model'
-    with pytest.raises(ConfigError, match=r"model\.checkpoint=.*TSPO_MODEL_DIR.*--config\.model\.checkpoint="):
+    with pytest.raises(
+        ConfigError, match=r"model\.checkpoint=.*TSPO_MODEL_DIR.*--config\.model\.checkpoint="
+    ):
         validate_config(c)
 
 
@@ -191,23 +205,56 @@ def test_wrong_slice_for_the_mesh_is_refused(stand_ins, monkeypatch):
 # --- the recipe -----------------------------------------------------------------------------------
 # Search-R1 train_grpo.sh and TSPO.md, the reference.
 SEARCH_R1 = {
-    "total_steps": 1005, "prompts_per_step": 512, "group_size": 5, "mini_batch": 256, "ppo_epochs": 1,
-    "optim.lr": 1e-6, "optim.schedule": "constant", "optim.warmup_ratio": 0.285, "optim.warmup_steps": None,
-    "optim.weight_decay": 0.01, "optim.b1": 0.9, "optim.b2": 0.999, "optim.grad_clip": 1.0,
-    "loss.kl_type": "low_var_kl", "loss.kl_coef": 0.001, "loss.entropy_coef": 0.001,
-    "loss.clip_eps_low": 0.2, "loss.clip_eps_high": 0.2, "loss.agg": "token-mean",
-    "rollout.temperature": 1.0, "rollout.top_p": 1.0, "rollout.top_k": 0, "rollout.greedy": False,
-    "rollout.max_turns": 4, "rollout.max_response_length": 500, "rollout.max_obs_length": 500,
-    "rollout.topk": 3, "rollout.max_prompt_length": 2048, "rollout.max_context_length": 4096 + 512,
-    "reward.num_turns": 5, "reward.em_score": 1.0, "reward.folr.alpha": 0.5, "reward.folr.scope": "information",
-    "warmstart.steps": 0, "model.remat": True, "model.dtype": "bfloat16", "model.param_dtype": "float32",
-    "model.tokenizer": "", "checkpoint_every": 100, "eval.every": 50, "eval.batch_size": 256,
-    "retriever.spec": "http://127.0.0.1:8000", "retriever.corpus": "",
+    "total_steps": 1005,
+    "prompts_per_step": 512,
+    "group_size": 5,
+    "mini_batch": 256,
+    "ppo_epochs": 1,
+    "optim.lr": 1e-6,
+    "optim.schedule": "constant",
+    "optim.warmup_ratio": 0.285,
+    "optim.warmup_steps": None,
+    "optim.weight_decay": 0.01,
+    "optim.b1": 0.9,
+    "optim.b2": 0.999,
+    "optim.grad_clip": 1.0,
+    "loss.kl_type": "low_var_kl",
+    "loss.kl_coef": 0.001,
+    "loss.entropy_coef": 0.001,
+    "loss.clip_eps_low": 0.2,
+    "loss.clip_eps_high": 0.2,
+    "loss.agg": "token-mean",
+    "rollout.temperature": 1.0,
+    "rollout.top_p": 1.0,
+    "rollout.top_k": 0,
+    "rollout.greedy": False,
+    "rollout.max_turns": 4,
+    "rollout.max_response_length": 500,
+    "rollout.max_obs_length": 500,
+    "rollout.topk": 3,
+    "rollout.max_prompt_length": 2048,
+    "rollout.max_context_length": 4096 + 512,
+    "reward.num_turns": 5,
+    "reward.em_score": 1.0,
+    "reward.folr.alpha": 0.5,
+    "reward.folr.scope": "information",
+    "warmstart.steps": 0,
+    "model.remat": True,
+    "model.dtype": "bfloat16",
+    "model.param_dtype": "float32",
+    "model.tokenizer": "",
+    "checkpoint_every": 100,
+    "eval.every": 50,
+    "eval.batch_size": 256,
+    "retriever.spec": "http://127.0.0.1:8000",
+    "retriever.corpus": "",
 }
 
 
-@pytest.mark.parametrize("name,advantage", [("qwen2_5_3b_tspo.py", "tspo"), ("qwen2_5_7b_tspo.py", "tspo"),
-                                            ("qwen2_5_3b_grpo.py", "grpo")])
+@pytest.mark.parametrize(
+    "name,advantage",
+    [("qwen2_5_3b_tspo.py", "tspo"), ("qwen2_5_7b_tspo.py", "tspo"), ("qwen2_5_3b_grpo.py", "grpo")],
+)
 def test_search_r1_hyperparameters(name, advantage):
     got = flat_values(load(name))
     assert {k: got[k] for k in SEARCH_R1} == SEARCH_R1
@@ -218,8 +265,11 @@ def test_learning_rate_schedule_is_search_r1s():
     c = load("qwen2_5_3b_tspo.py")
     _, schedule = update.make_optimizer(c.optim, c.total_steps)
     warmup = round(0.285 * 1005)  # 286 linear warm-up steps, then constant
-    np.testing.assert_allclose([float(schedule(s)) for s in (0, warmup // 2, warmup, 600, 1005)],
-                               [0.0, 1e-6 * (warmup // 2) / warmup, 1e-6, 1e-6, 1e-6], rtol=1e-6)
+    np.testing.assert_allclose(
+        [float(schedule(s)) for s in (0, warmup // 2, warmup, 600, 1005)],
+        [0.0, 1e-6 * (warmup // 2) / warmup, 1e-6, 1e-6, 1e-6],
+        rtol=1e-6,
+    )
 
 
 def test_grpo_and_tspo_differ_only_in_the_advantage():
@@ -230,12 +280,15 @@ def test_grpo_and_tspo_differ_only_in_the_advantage():
 def test_7b_differs_from_3b_only_in_the_model_and_micro_batch():
     a, b = flat_values(load("qwen2_5_3b_tspo.py")), flat_values(load("qwen2_5_7b_tspo.py"))
     assert {k for k in a if a[k] != b[k]} <= {"model.checkpoint", "micro_batch"} | {
-        k for k in a if k.startswith("model.arch.")}
+        k for k in a if k.startswith("model.arch.")
+    }
     assert b["micro_batch"] == 32 and "Qwen2.5-7B" in b["model.checkpoint"]
 
 
-@pytest.mark.parametrize("name,preset,card_params_b", [("qwen2_5_3b_tspo.py", "qwen2.5-3b", 3.09),
-                                                       ("qwen2_5_7b_tspo.py", "qwen2.5-7b", 7.61)])
+@pytest.mark.parametrize(
+    "name,preset,card_params_b",
+    [("qwen2_5_3b_tspo.py", "qwen2.5-3b", 3.09), ("qwen2_5_7b_tspo.py", "qwen2.5-7b", 7.61)],
+)
 def test_arch_is_the_released_model(name, preset, card_params_b):
     arch = load(name).model.arch.to_dict()
     ref = qwen2.preset(preset)
@@ -248,11 +301,15 @@ def test_arch_is_the_released_model(name, preset, card_params_b):
 def param_shapes(preset: str) -> list[tuple[tuple, tuple]]:
     """(logical axes, shape) of every parameter of the released model, without allocating it."""
     state = nnx.state(qwen2.abstract_model(qwen2.preset(preset)), nnx.Param)
-    return [(v.logical_axes, v.get_value().shape)
-            for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))]
+    return [
+        (v.logical_axes, v.get_value().shape)
+        for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    ]
 
 
-@pytest.mark.parametrize("name,preset", [("qwen2_5_3b_tspo.py", "qwen2.5-3b"), ("qwen2_5_7b_tspo.py", "qwen2.5-7b")])
+@pytest.mark.parametrize(
+    "name,preset", [("qwen2_5_3b_tspo.py", "qwen2.5-3b"), ("qwen2_5_7b_tspo.py", "qwen2.5-7b")]
+)
 def test_every_mesh_shards_every_large_weight_and_divides_the_batches(name, preset):
     params = param_shapes(preset)
     for arg, (shape, devices) in MESHES.items():
@@ -282,6 +339,7 @@ def test_bf16_parameters_would_lose_the_lr_1e6_updates():
     tx, _ = update.make_optimizer(optim, c.total_steps)
     w = 0.02 * jax.random.normal(jax.random.key(0), (4096,))  # Qwen2.5's init scale
     g = jax.random.normal(jax.random.key(1), (4096,))
+
     @jax.jit
     def step(params, grads):
         state = tx.init(params)
@@ -319,7 +377,18 @@ def test_offline_arch_mirrors_the_built_checkpoint():
         pytest.skip("build it with python -m tspo_jax.model.build_offline_checkpoint")
     hf = json.loads(config_json.read_text())
     arch = load("qwen2_5_0_5b_offline.py").model.arch
-    assert (arch.hidden_size, arch.intermediate_size, arch.num_layers, arch.num_heads, arch.num_kv_heads,
-            arch.tie_word_embeddings) == (hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"],
-                                          hf["num_attention_heads"], hf["num_key_value_heads"],
-                                          hf["tie_word_embeddings"])
+    assert (
+        arch.hidden_size,
+        arch.intermediate_size,
+        arch.num_layers,
+        arch.num_heads,
+        arch.num_kv_heads,
+        arch.tie_word_embeddings,
+    ) == (
+        hf["hidden_size"],
+        hf["intermediate_size"],
+        hf["num_hidden_layers"],
+        hf["num_attention_heads"],
+        hf["num_key_value_heads"],
+        hf["tie_word_embeddings"],
+    )
