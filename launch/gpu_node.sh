@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Trains on one machine with N NVIDIA GPUs: installs tspo_jax with jax[cuda12] (pinned to
 # requirements.txt's jax) into a venv, starts the retrieval server on the CPU, runs tspo_jax.train.
-# Run it on the GPU machine, from anywhere in a checkout of this repository.
+# Run it on the GPU machine (usually from the repository root: relative paths are taken from the
+# current directory).
 set -euo pipefail
 
 usage() {
@@ -52,22 +53,25 @@ require "$WORKDIR" --workdir "where checkpoints and metrics go"
 [[ -n $INDEX || -n $RETRIEVER_URL ]] || die "missing required flag --index (the retrieval index to serve), or pass --retriever-url=URL of a running server; see --help"
 [[ $PORT =~ ^[0-9]+$ ]] || die "--port=$PORT must be a number"
 [[ -z $GPUS || $GPUS =~ ^[1-9][0-9]*$ ]] || die "--gpus=$GPUS must be a positive number"
-[[ -f $REPO/${CONFIG%%:*} || -f ${CONFIG%%:*} ]] || die "--config=$CONFIG: no file ${CONFIG%%:*}"
+# Paths stay relative to where you run this; a config path may also be relative to the checkout.
+if [[ ! -f ${CONFIG%%:*} ]]; then
+  [[ -f $REPO/${CONFIG%%:*} ]] || die "--config=$CONFIG: no file ${CONFIG%%:*} here or in $REPO"
+  CONFIG=$REPO/$CONFIG
+fi
 PY=$VENV/bin/python
-cd "$REPO"
 
 # 1. Install: the runtime requirements, then the CUDA 12 build of the same jax version.
 if ((!SKIP_INSTALL)); then
   JAX_VERSION=$(pinned_jax_version "$REPO")
   [[ -x $PY ]] || run "$BASE_PYTHON" -m venv "$VENV"
-  run "$PY" -m pip install -q -r requirements.txt
+  run "$PY" -m pip install -q -r "$REPO/requirements.txt"
   run "$PY" -m pip install -q "jax[cuda12]==$JAX_VERSION"
-  run "$PY" -m pip install -q --no-deps -e .
+  run "$PY" -m pip install -q --no-deps -e "$REPO"
 fi
 
 # 2. The retriever (on the CPU, so the GPUs stay the trainer's), reused if already up.
 if [[ -z $RETRIEVER_URL ]]; then
-  retriever=(bash launch/retriever_server.sh --index="$INDEX" --port="$PORT" --python="$PY" --background)
+  retriever=(bash "$REPO/launch/retriever_server.sh" --index="$INDEX" --port="$PORT" --python="$PY" --background)
   [[ -n $CORPUS ]] && retriever+=(--corpus="$CORPUS")
   [[ -n $ENCODER ]] && retriever+=(--encoder="$ENCODER")
   [[ -n $QUERY_PREFIX ]] && retriever+=(--query-prefix="$QUERY_PREFIX")

@@ -290,12 +290,13 @@ def test_gpu_node_dry_run_prints_install_retriever_and_train(fakes):
     assert calls(fakes["record"]) == []
     py = fakes["python"]
     assert lines[:3] == [
-        f"{py} -m pip install -q -r requirements.txt",
+        f"{py} -m pip install -q -r {ROOT}/requirements.txt",
         f"{py} -m pip install -q 'jax[cuda12]=={JAX_VERSION}'",
-        f"{py} -m pip install -q --no-deps -e .",
+        f"{py} -m pip install -q --no-deps -e {ROOT}",
     ]
     assert (
-        lines[3] == f"bash launch/retriever_server.sh --index={index} --port=8124 --python={py} --background"
+        lines[3]
+        == f"bash {LAUNCH}/retriever_server.sh --index={index} --port=8124 --python={py} --background"
     )
     server = shlex.split(one(lines, lambda line: "tspo_jax.retrieval.server" in line))
     assert server[:3] == ["nohup", "env", "JAX_PLATFORMS=cpu"]
