@@ -124,6 +124,7 @@ class Sampler:
         stop_strings: Sequence[str] = (),
         token_bytes: Sequence[bytes] | None = None,
         stop_table: StopTable | None = None,
+        tokenizer_vocab: int | None = None,
     ):
         self.graphdef = graphdef
         self.cfg = cfg
@@ -142,6 +143,11 @@ class Sampler:
                 np.pad(stop_table.completes, ((0, 0), (0, extra)), constant_values=-1),
             )
         self.stop_table = stop_table
+        # Embedding rows past the tokenizer's vocabulary (Qwen2.5 pads 151,665 to 151,936) are
+        # never sampled.
+        self.tokenizer_vocab = cfg.vocab_size if tokenizer_vocab is None else int(tokenizer_vocab)
+        if token_bytes is not None and tokenizer_vocab is None:
+            self.tokenizer_vocab = min(cfg.vocab_size, len(token_bytes))
         self._next_state = jnp.asarray(stop_table.next_state)
         self._completes = jnp.asarray(stop_table.completes)
         self.compile_counts: Counter = Counter()
@@ -164,7 +170,7 @@ class Sampler:
     def _prefill_impl(self, state, tokens, valid, max_len):
         self.compile_counts["prefill"] += 1
         cache = KVCache.init(self.cfg, tokens.shape[0], max_len)
-        logits, cache = self._forward(state, tokens, valid, cache, attend_len=tokens.shape[1])
+        logits, cache = self._forward(state, tokens, valid, cache, attend_len=0)
         next_logits = _last_valid_logits(logits, valid, jnp.zeros(logits.shape[::2], jnp.float32))
         return GenState(cache, next_logits)
 
@@ -203,6 +209,9 @@ class Sampler:
             step, gen, rng, done, reason, which, matcher, count, toks, lps = carry
             rng, key = jax.random.split(rng)
             logits = gen.next_logits
+            if self.tokenizer_vocab < logits.shape[-1]:
+                in_vocab = jnp.arange(logits.shape[-1]) < self.tokenizer_vocab
+                logits = jnp.where(in_vocab[None, :], logits, -jnp.inf)
             scaled = logits if greedy else logits / temperature
             logp_all = jax.nn.log_softmax(scaled, axis=-1)
             if greedy:

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # Logical axis names carried by every parameter (see sharding.py for the mesh rules).
@@ -278,28 +279,55 @@ class Attention(nnx.Module):
         self.v_bias = _param(rngs, (kv, hd), (KV_HEADS, HEAD_DIM), pd)
         self.o_kernel = _param(rngs, (h, hd, d), (HEADS, HEAD_DIM, EMBED), pd)
 
-    def __call__(self, x, positions, kv_update, attn_mask):
-        """x: [B, C, D]. kv_update maps this block's (k, v) [B, C, KV, HD] to the keys and values to
-        attend over (the cache after writing the block), or is None to attend within the block.
-        attn_mask: [B, C, S] bool over those keys."""
+    def __call__(self, x, positions, block_mask, cached=None):
+        """x: [B, C, D]; block_mask: [B, C, C] bool, which tokens of the block each query sees.
+
+        `cached` (None without a cache) is (keys, values, mask, write): the cache's first S slots
+        as [B, KV, S, HD] *before* this block is written, which of them each query sees [B, C, S],
+        and a function that writes this block's keys and values into the cache. The block and the
+        cached prefix are scored separately and share one softmax, so the cache is read before it
+        is written: XLA then updates the donated buffer in place (reading it after the write made
+        it copy the whole cache every decode step).
+        """
         cfg, dt = self.cfg, x.dtype
         q = jnp.einsum("bcd,dhk->bchk", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
         k = jnp.einsum("bcd,dhk->bchk", x, self.k_kernel[...].astype(dt)) + self.k_bias[...].astype(dt)
         v = jnp.einsum("bcd,dhk->bchk", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(dt)
         q = rope(q, positions, cfg.rope_theta)
-        k = rope(k, positions, cfg.rope_theta)
-        # Keys and values as [B, KV, S, HD], the cache layout.
-        keys, values = (k.swapaxes(1, 2), v.swapaxes(1, 2)) if kv_update is None else kv_update(k, v)
-        keys, values = keys.astype(dt), values.astype(dt)
+        k = rope(k, positions, cfg.rope_theta).swapaxes(1, 2)  # [B, KV, C, HD]: the cache layout
+        v = v.swapaxes(1, 2)
+        parts = [(k, v, block_mask)]
+        if cached is not None:
+            old_k, old_v, old_mask, write = cached
+            if old_k is not None:
+                parts.insert(0, (old_k.astype(dt), old_v.astype(dt), old_mask))
         b, c = x.shape[:2]
         groups = cfg.num_heads // cfg.num_kv_heads
         # Grouped-query attention without materialising repeated K/V: split query heads by KV head.
         q = q.reshape(b, c, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("bckgd,bksd->bkgcs", q, keys).astype(jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim))
-        scores = jnp.where(attn_mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgcs,bksd->bckgd", probs, values).reshape(b, c, cfg.num_heads, cfg.head_dim)
+        scale = 1.0 / jnp.sqrt(jnp.float32(cfg.head_dim))
+        scores = [
+            jnp.where(
+                mask[:, None, None],
+                jnp.einsum("bckgd,bksd->bkgcs", q, keys).astype(jnp.float32) * scale,
+                jnp.finfo(jnp.float32).min,
+            )
+            for keys, _, mask in parts
+        ]
+        probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(dt)
+        splits = np.cumsum([sc.shape[-1] for sc in scores])[:-1]
+        out = sum(
+            jnp.einsum("bkgcs,bksd->bckgd", p, values)
+            for p, (_, values, _) in zip(jnp.split(probs, splits, axis=-1), parts)
+        )
+        if cached is not None:
+            # Write only after the reads. XLA orders an in-place update after the reads of the old
+            # buffer only when the written value depends on them (an optimization barrier is not
+            # enough); without that it copies the whole cache every decode step. A zero taken from
+            # `out` is that dependency, at the cost of one scalar.
+            after_reads = (out.reshape(-1)[0] * 0).astype(k.dtype)
+            write(k + after_reads, v + after_reads)
+        out = out.reshape(b, c, cfg.num_heads, cfg.head_dim)
         return jnp.einsum("bchk,hkd->bcd", out, self.o_kernel[...].astype(dt))
 
 
@@ -324,8 +352,8 @@ class DecoderBlock(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, kv_update, attn_mask):
-        x = x + self.attn(self.input_norm(x), positions, kv_update, attn_mask)
+    def __call__(self, x, positions, block_mask, cached=None):
+        x = x + self.attn(self.input_norm(x), positions, block_mask, cached)
         return x + self.mlp(self.post_attn_norm(x))
 
 
@@ -373,45 +401,37 @@ class Qwen2(nnx.Module):
             positions = block_positions(valid, None if cache is None else cache.next_pos)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)
 
-        if cache is None:
-            causal = jnp.tril(jnp.ones((c, c), bool))
-            attn_mask = causal[None] & valid[:, None, :]
-            new_valid = None
-        else:
-            s = cache.max_len if attend_len is None else min(attend_len, cache.max_len)
-            new_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, axis=1)
-            slot = jnp.arange(s)
-            query_slot = cache.index + jnp.arange(c)
-            causal = slot[None, :] <= query_slot[:, None]  # [C, S]
-            attn_mask = causal[None] & new_valid[:, None, :s]
-
+        block_mask = jnp.tril(jnp.ones((c, c), bool))[None] & valid[:, None, :]
         if cache is None:
             block_fn = _remat_block if cfg.remat else _call_block
             for layer in self.layers:
-                x = block_fn(layer, x, positions, None, attn_mask)
+                x = block_fn(layer, x, positions, block_mask)
             out_cache = None
         else:
-            # Write each layer's block straight into the stacked cache so a donated cache is
-            # updated in place instead of being rebuilt every step.
-            # One buffer per layer, updated with a dynamic_update_slice that XLA performs in place
-            # on a donated cache (a stacked [layers, ...] buffer was copied every step on CPU).
+            # Every slot written so far lies below `s`; the block itself is attended separately.
+            s = cache.max_len if attend_len is None else min(attend_len, cache.max_len)
+            old_mask = jnp.broadcast_to(cache.valid[:, None, :s], (b, c, s))
             new_k, new_v = [], []
             for i, layer in enumerate(self.layers):
 
-                def kv_update(k, v, i=i):
-                    k = k.swapaxes(1, 2).astype(cache.k[i].dtype)  # [B, KV, C, HD]: the cache layout
-                    v = v.swapaxes(1, 2).astype(cache.v[i].dtype)
-                    ck = jax.lax.dynamic_update_slice_in_dim(cache.k[i], k, cache.index, 2)
-                    cv = jax.lax.dynamic_update_slice_in_dim(cache.v[i], v, cache.index, 2)
-                    new_k.append(ck)
-                    new_v.append(cv)
-                    return ck[:, :, :s], cv[:, :, :s]
+                def write(k, v, i=i):
+                    start = cache.index
+                    new_k.append(
+                        jax.lax.dynamic_update_slice_in_dim(cache.k[i], k.astype(cache.k[i].dtype), start, 2)
+                    )
+                    new_v.append(
+                        jax.lax.dynamic_update_slice_in_dim(cache.v[i], v.astype(cache.v[i].dtype), start, 2)
+                    )
 
-                x = layer(x, positions, kv_update, attn_mask)
+                if s == 0:  # a fresh cache (prefill): nothing to attend to but the block
+                    cached = (None, None, None, write)
+                else:
+                    cached = (cache.k[i][:, :, :s], cache.v[i][:, :, :s], old_mask, write)
+                x = layer(x, positions, block_mask, cached)
             out_cache = KVCache(
                 k=tuple(new_k),
                 v=tuple(new_v),
-                valid=new_valid,
+                valid=jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, axis=1),
                 index=cache.index + c,
                 next_pos=cache.next_pos + valid.sum(axis=1).astype(jnp.int32),
             )
@@ -422,13 +442,13 @@ class Qwen2(nnx.Module):
         return logits, out_cache
 
 
-def _call_block(layer, x, positions, kv_update, attn_mask):
-    return layer(x, positions, kv_update, attn_mask)
+def _call_block(layer, x, positions, block_mask):
+    return layer(x, positions, block_mask)
 
 
 @nnx.remat
-def _remat_block(layer, x, positions, kv_update, attn_mask):
-    return layer(x, positions, kv_update, attn_mask)
+def _remat_block(layer, x, positions, block_mask):
+    return layer(x, positions, block_mask)
 
 
 def init_model(cfg: Qwen2Config, seed: int = 0) -> Qwen2:
