@@ -1,0 +1,68 @@
+"""The policy's model and tokenizer, from an HF checkpoint, a training workdir, or scratch."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+from flax import nnx
+from jax.sharding import Mesh
+
+from tspo_jax import sharding as shd
+from tspo_jax.model import params as params_lib
+from tspo_jax.model import qwen2
+from tspo_jax.tokenizer import load_tokenizer
+
+POLICY_CONFIG = "policy_config.json"  # written into a workdir: how to rebuild its model
+
+
+def model_overrides(cfg: ml_collections.ConfigDict) -> dict:
+    return dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat)
+
+
+def build_policy(cfg: ml_collections.ConfigDict, mesh: Mesh) -> tuple[qwen2.Qwen2, object]:
+    """config.model -> (sharded model, tokenizer).
+
+    model.checkpoint: an HF directory (weights + tokenizer), or "" for a fresh model of shape
+    model.arch with the tokenizer at model.tokenizer (the embedded demo)."""
+    if cfg.checkpoint:
+        if not os.path.isdir(cfg.checkpoint):
+            raise FileNotFoundError(
+                f"model.checkpoint={cfg.checkpoint!r} is not a directory: give an HF checkpoint directory "
+                "(e.g. the one `python -m tspo_jax.model.build_offline_checkpoint` prints)")
+        model = params_lib.load_hf_checkpoint(cfg.checkpoint, mesh=mesh, **model_overrides(cfg))
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint)
+        return model, tokenizer
+    if not cfg.tokenizer:
+        raise ValueError("model.checkpoint is empty, so model.tokenizer must name a tokenizer directory")
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    arch = dict(cfg.arch.to_dict()) if hasattr(cfg.arch, "to_dict") else dict(cfg.arch)
+    arch.setdefault("vocab_size", tokenizer.vocab_size)
+    mcfg = qwen2.Qwen2Config(eos_token_id=tokenizer.eos_id, **arch, **model_overrides(cfg))
+    model = qwen2.init_model(mcfg, seed=cfg.init_seed)
+    shd.shard_model(model, mesh)
+    return model, tokenizer
+
+
+def save_policy_config(workdir: str, model: qwen2.Qwen2, tokenizer_dir: str) -> None:
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(workdir, POLICY_CONFIG), "w") as f:
+        json.dump({"hf_config": model.cfg.to_hf_config(), "tokenizer": os.path.abspath(tokenizer_dir)}, f, indent=2)
+
+
+def abstract_policy(workdir: str, **overrides) -> tuple[qwen2.Qwen2, str]:
+    """The model structure a training workdir was trained with, and its tokenizer directory."""
+    path = os.path.join(workdir, POLICY_CONFIG)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} is not a tspo_jax training workdir (no {POLICY_CONFIG})")
+    with open(path) as f:
+        saved = json.load(f)
+    cfg = qwen2.Qwen2Config.from_hf_config(saved["hf_config"], **overrides)
+    return qwen2.abstract_model(cfg), saved["tokenizer"]
+
+
+def params_of(model: nnx.Module) -> nnx.State:
+    return nnx.state(model, nnx.Param)

@@ -1,0 +1,274 @@
+"""The main job: TSPO training of a search agent.
+
+  python -m tspo_jax.train --config=configs/demo.py --workdir=runs/demo [--config.KEY=VALUE ...]
+
+One step: prompts -> episodes (n per prompt, interrupt/resume rollout) -> rewards and FOLR turn
+returns -> reference logprobs -> advantages -> ppo_epochs x mini-batches of the Optax update ->
+metrics. The sampler reads the trainer's parameters in place (same arrays, same shardings).
+A workdir that holds a checkpoint resumes from it; SIGTERM saves and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
+from flax import nnx
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from tspo_jax import advantages as adv_lib
+from tspo_jax import checkpointing, data, evaluate as evaluation, rewards, rollout, sampling
+from tspo_jax import sharding as shd
+from tspo_jax import update as update_lib
+from tspo_jax import warmstart
+from tspo_jax.config_checks import validate_config
+from tspo_jax.metrics import MetricsWriter, plot_training, read_metrics
+from tspo_jax.policy import build_policy, params_of, save_policy_config
+from tspo_jax.retrieval import make_retriever
+
+log = logging.getLogger("tspo_jax.train")
+
+
+def episode_texts(episodes, examples_by_row) -> list[rewards.EpisodeText]:
+    return [
+        rewards.EpisodeText(
+            question=ex.question, golds=list(ex.golds), data_source=ex.data_source,
+            turn_texts=[t.text for t in ep.turns], observations=[t.observation for t in ep.turns],
+            response_text=ep.response_text)
+        for ep, ex in zip(episodes, examples_by_row)
+    ]
+
+
+class Trainer:
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        validate_config(config)
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        shd.maybe_initialize_distributed()
+        self.mesh = shd.make_mesh(tuple(config.mesh.shape))
+        self.is_main = jax.process_index() == 0
+
+        model, self.tokenizer = build_policy(config.model, self.mesh)
+        self.model_cfg = model.cfg
+        self.graphdef = nnx.graphdef(model)
+        self.params = params_of(model)
+        tokenizer_dir = config.model.tokenizer or config.model.checkpoint
+        save_policy_config(self.workdir, model, tokenizer_dir)
+
+        self.retriever = make_retriever(warmstart.ensure_index(config.retriever, self.workdir),
+                                        timeout_s=config.retriever.timeout_s, retries=config.retriever.retries)
+        self.rollout_cfg = rollout.RolloutConfig(**config.rollout.to_dict())
+        self.sampler = sampling.Sampler(
+            self.graphdef, self.model_cfg, eos_ids=[self.tokenizer.eos_id], pad_id=self.tokenizer.pad_id,
+            stop_strings=rollout.STOP_STRINGS, token_bytes=self.tokenizer.token_bytes)
+        self.runner = rollout.EpisodeRunner(self.sampler, self.tokenizer, self.retriever, self.rollout_cfg)
+
+        self.tx, self.schedule = update_lib.make_optimizer(config.optim, config.total_steps)
+        self.updater = update_lib.PolicyUpdater(
+            self.graphdef, self.model_cfg, config.loss, self.tx, self.mesh,
+            temperature=1.0 if config.rollout.greedy else config.rollout.temperature,
+            micro_batch=config.micro_batch)
+
+        self.train_examples = data.load_qa(config.data.train)
+        self.test_examples = data.load_qa(config.data.test) if config.data.test else []
+        self.checkpointer = checkpointing.Checkpointer(
+            os.path.join(self.workdir, "checkpoints"), keep=config.keep_checkpoints,
+            save_every=config.checkpoint_every)
+        self.metrics = MetricsWriter(self.workdir, enabled=self.is_main)
+        self._stop_requested = False
+
+    # --- state ----------------------------------------------------------------------------------
+    def _state(self, step: int):
+        return {"params": self.params, "opt_state": self.opt_state, "step": jnp.int32(step)}
+
+    def _init_or_restore(self) -> int:
+        """Warm start (if configured), the frozen reference, then the latest checkpoint if any."""
+        self.params = warmstart.maybe_warm_start(self, self.config.warmstart)
+        # The reference policy is the initial policy: rebuilt the same way on every (re)start.
+        self.ref_params = jax.tree.map(jnp.copy, self.params) if self.config.loss.kl_coef else None
+        self.opt_state = self.tx.init(self.params)
+        self.stream = data.PromptStream(self.train_examples, self.config.prompts_per_step, self.config.seed)
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            return 0
+        state, meta = self.checkpointer.restore(checkpointing.abstract_like(self._state(0)))
+        self.params, self.opt_state = state["params"], state["opt_state"]
+        self.stream = data.PromptStream.from_state(self.train_examples, meta["data"])
+        self.metrics.truncate_after(latest)
+        log.info("resumed from step %d in %s", latest, self.checkpointer.directory)
+        return latest
+
+    def _save(self, step: int, force: bool = False):
+        self.checkpointer.save(step, self._state(step), {"data": self.stream.state(), "step": step}, force=force)
+
+    # --- one step --------------------------------------------------------------------------------
+    def step(self, step: int) -> dict:
+        cfg = self.config
+        timing = {}
+        t_step = time.perf_counter()
+        batch = next(self.stream)
+        n = cfg.group_size
+        rows = [ex for ex in batch for _ in range(n)]
+
+        t0 = time.perf_counter()
+        rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
+        episodes = self.runner.run(self.params_for_sampling(), [ex.question for ex in batch],
+                                   [ex.uid for ex in batch], n=n, rng=rng)
+        timing["timing_s/gen"] = time.perf_counter() - t0
+        timing["timing_s/retrieval"] = self.runner.timing.get("retrieval", 0.0)
+
+        t0 = time.perf_counter()
+        rb = rewards.compute_rewards(episode_texts(episodes, rows), cfg.reward, num_turns=cfg.rollout.max_turns + 1)
+        timing["timing_s/reward"] = time.perf_counter() - t0
+
+        num_rows = len(episodes)  # validate_config: a multiple of the mini-batch, which divides the mesh
+        packed = update_lib.pack_episodes(episodes)
+        group_ids = np.asarray([e.group for e in episodes], np.int32)
+
+        t0 = time.perf_counter()
+        dev = self.updater.shard(packed)
+        if self.ref_params is not None:
+            packed["ref_logp"] = np.asarray(self.updater.logprobs(self.ref_params, dev))
+        if cfg.recompute_old_logprobs:
+            packed["old_logp"] = np.asarray(self.updater.logprobs(self.params, dev))
+        timing["timing_s/ref"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        token_adv, adv_metrics = adv_lib.compute_advantages(
+            cfg.advantage.name, rb.outcome, rb.turn_returns, rb.turn_valid, rb.first_occurrence, group_ids,
+            dev["turn_ids"], dev["loss_mask"], num_groups=len(batch), eps=cfg.advantage.eps, correct=rb.em > 0)
+        packed["advantages"] = np.asarray(token_adv)
+        timing["timing_s/adv"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        update_metrics = []
+        order_rng = np.random.default_rng([cfg.seed, step])
+        keys = [k for k in packed if k != "turn_ids"]
+        for _ in range(cfg.ppo_epochs):
+            perm = order_rng.permutation(num_rows)
+            for s in range(0, num_rows, cfg.mini_batch):
+                idx = perm[s : s + cfg.mini_batch]
+                mb = self.updater.shard({k: packed[k][idx] for k in keys})
+                self.params, self.opt_state, m = self.updater.update(self.params, self.opt_state, mb)
+                update_metrics.append(m)
+        jax.block_until_ready(self.params)
+        timing["timing_s/update_actor"] = time.perf_counter() - t0
+        timing["timing_s/step"] = time.perf_counter() - t_step
+
+        metrics = {k: float(np.mean([float(m[k]) for m in update_metrics])) for k in update_metrics[0]}
+        metrics.update({k: float(v) for k, v in adv_metrics.items()})
+        metrics.update(timing)
+        n_tokens = int(packed["valid"].sum())
+        resp = [len(e.tokens) - e.prompt_len for e in episodes]
+        metrics.update({
+            "critic/score/mean": float(rb.outcome.mean()),
+            "critic/em/mean": float(rb.em.mean()),
+            "critic/advantages/mean": float(packed["advantages"][packed["loss_mask"] > 0].mean()),
+            "response_length/mean": float(np.mean(resp)),
+            "env/turns/mean": float(np.mean([e.num_turns for e in episodes])),
+            "env/searches/mean": float(np.mean([sum(t.action == "search" for t in e.turns) for e in episodes])),
+            "env/answered_frac": float(np.mean([e.stop_reason == "answer" for e in episodes])),
+            "actor/lr": float(self.schedule(step)),
+            "perf/total_num_tokens": n_tokens,
+            "perf/throughput": n_tokens / timing["timing_s/step"] / jax.device_count(),
+            "perf/compiles": sum(self.sampler.compile_counts.values()),
+        })
+        for src, v in adv_lib.reward_by_source(rb.outcome, [ex.data_source for ex in rows]).items():
+            metrics[f"critic/score/{src}"] = v
+        return metrics
+
+    def params_for_sampling(self):
+        """The trainer's own parameter arrays: the sampler runs on them in place, no copy."""
+        return self.params
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, step: int, examples=None) -> dict:
+        examples = examples if examples is not None else self.test_examples[: self.config.eval.max_examples]
+        cfg = dataclasses.replace(self.rollout_cfg, greedy=True)
+        runner = rollout.EpisodeRunner(self.sampler, self.tokenizer, self.retriever, cfg)
+        result = evaluation.evaluate_examples(runner, self.params_for_sampling(), examples,
+                                              batch_size=self.config.eval.batch_size)
+        if self.is_main:
+            evaluation.save_table(result, os.path.join(self.workdir, "eval"), f"step_{step}")
+        return result
+
+    # --- loop -------------------------------------------------------------------------------------
+    def _on_sigterm(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint after the current step, then exiting")
+        self._stop_requested = True
+
+    def train(self) -> dict:
+        cfg = self.config
+        start = self._init_or_restore()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        last = {}
+        try:
+            if start == 0 and cfg.eval.every and self.test_examples:
+                last.update(_prefix(self.evaluate(0)["metrics"], "val/"))
+                self.metrics.write(0, last)
+            bar = tqdm(range(start + 1, cfg.total_steps + 1), initial=start, total=cfg.total_steps,
+                       desc="tspo", disable=not self.is_main or not cfg.progress_bar)
+            for step in bar:
+                metrics = self.step(step)
+                if cfg.eval.every and self.test_examples and (step % cfg.eval.every == 0 or step == cfg.total_steps):
+                    metrics.update(_prefix(self.evaluate(step)["metrics"], "val/"))
+                last = self.metrics.write(step, metrics)
+                bar.set_postfix(reward=f"{metrics['critic/score/mean']:.3f}",
+                                homog=f"{metrics['adv/homogenized_group_frac']:.2f}")
+                self._save(step, force=step == cfg.total_steps or self._stop_requested)
+                if self._stop_requested:
+                    log.warning("stopped by SIGTERM after step %d; rerun the same command to resume", step)
+                    break
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if self.is_main and os.path.exists(self.metrics.path):
+            plot_training(read_metrics(self.metrics.path), os.path.join(self.workdir, "training.png"),
+                          title=f"{cfg.advantage.name} - {os.path.basename(self.workdir)}")
+        return last
+
+    def close(self):
+        self.checkpointer.close()
+        self.metrics.close()
+        self.retriever.close()
+
+
+def _prefix(d: dict, prefix: str) -> dict:
+    return {prefix + k: v for k, v in d.items()}
+
+
+# --- command line -----------------------------------------------------------------------------------
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/NAME.py)",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and plots")
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
+    if _CONFIG.value is None or not _WORKDIR.value:
+        raise app.UsageError("pass --config=configs/NAME.py and --workdir=DIR")
+    trainer = Trainer(_CONFIG.value, _WORKDIR.value)
+    try:
+        last = trainer.train()
+    finally:
+        trainer.close()
+    print(json.dumps({k: v for k, v in last.items() if k.startswith(("critic/", "val/", "adv/homog"))}, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,170 @@
+"""Episodes -> padded training arrays -> the jitted, sharded policy-gradient update.
+
+`pack_episodes` turns rollout episodes into right-padded [B, T] arrays without touching the
+token ids. `PolicyUpdater` owns the optimizer and three compiled functions: the per-token
+logprobs of a batch (for the reference policy and, if asked, recomputed old logprobs), the
+update of one mini-batch (gradient accumulation over micro-batches with `lax.scan`, then one
+Optax step), and a supervised step for warm starts. Parameters stay sharded over
+(fsdp, tensor) and batches over (data, fsdp); params and optimizer state are donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tspo_jax import losses
+from tspo_jax import sharding as shd
+from tspo_jax.model.qwen2 import Qwen2Config, apply
+from tspo_jax.sampling import bucket
+
+
+def pack_episodes(episodes: Sequence, width: int | None = None, rows: int | None = None) -> dict[str, np.ndarray]:
+    """tokens, valid, loss_mask, turn_ids, old_logp as [rows, width] arrays, right-padded.
+
+    Rows past len(episodes) are padding (valid all False) so the batch divides the mesh."""
+    n = len(episodes)
+    rows = rows or n
+    width = width or bucket(max(len(e.tokens) for e in episodes), 64)
+    out = {
+        "tokens": np.zeros((rows, width), np.int32),
+        "valid": np.zeros((rows, width), bool),
+        "loss_mask": np.zeros((rows, width), np.float32),
+        "turn_ids": np.full((rows, width), -1, np.int32),
+        "old_logp": np.zeros((rows, width), np.float32),
+    }
+    for i, e in enumerate(episodes):
+        k = len(e.tokens)
+        if k > width:
+            raise ValueError(f"episode {i} has {k} tokens, more than the packing width {width}")
+        out["tokens"][i, :k] = e.tokens
+        out["valid"][i, :k] = True
+        out["loss_mask"][i, :k] = e.loss_mask
+        out["turn_ids"][i, :k] = e.turn_ids
+        out["old_logp"][i, :k] = e.logprobs
+    return out
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with warm-up then constant or cosine, after clipping by global norm."""
+    warmup = int(round(cfg.warmup_ratio * total_steps)) if cfg.get("warmup_steps") is None else cfg.warmup_steps
+    if cfg.schedule == "constant":
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)], [warmup]
+        )
+    elif cfg.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warmup, 1), max(total_steps, warmup + 1))
+    else:
+        raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+    )
+    return tx, schedule
+
+
+def _shift(x):
+    """Targets for next-token prediction: position t's hidden state predicts token t+1."""
+    return x[:, 1:]
+
+
+@dataclasses.dataclass
+class PolicyUpdater:
+    graphdef: nnx.GraphDef
+    model_cfg: Qwen2Config
+    loss_cfg: ml_collections.ConfigDict
+    tx: optax.GradientTransformation
+    mesh: Mesh
+    temperature: float = 1.0
+    micro_batch: int = 8
+
+    def __post_init__(self):
+        self.loss_cfg = ml_collections.ConfigDict(self.loss_cfg.to_dict())  # frozen copy for tracing
+        self._logprobs = jax.jit(self._logprobs_impl)
+        self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
+        self._sft = jax.jit(self._sft_impl, donate_argnums=(0, 1))
+
+    # --- model pieces ---------------------------------------------------------------------------
+    def _token_logprobs(self, params, tokens, valid):
+        model = nnx.merge(self.graphdef, params)
+        hidden, _ = model(tokens, valid=valid, return_hidden=True)
+        logp, entropy = losses.token_logprobs_and_entropy(
+            hidden[:, :-1], model.lm_head_kernel(), _shift(tokens),
+            chunk_size=self.loss_cfg.logprob_chunk, temperature=self.temperature)
+        return logp, entropy
+
+    def _logprobs_impl(self, params, tokens, valid):
+        return self._token_logprobs(params, tokens, valid)[0]
+
+    def _micro_split(self, x):
+        """[B, ...] -> [B/m, m, ...] taking every (B/m)-th row, so that each micro-batch still
+        spans all the devices the batch is sharded over (contiguous blocks would serialise them)."""
+        b = x.shape[0]
+        m = self.micro_batch if b % self.micro_batch == 0 else b
+        x = x.reshape(m, b // m, *x.shape[1:]).swapaxes(0, 1)
+        spec = P(None, shd.BATCH_AXES, *([None] * (x.ndim - 2)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+    # --- RL update --------------------------------------------------------------------------------
+    def _update_impl(self, params, opt_state, batch):
+        cfg = self.loss_cfg
+
+        def micro_loss(p, mb):
+            logp, entropy = self._token_logprobs(p, mb["tokens"], mb["valid"])
+            ref = _shift(mb["ref_logp"]) if cfg.kl_coef != 0.0 else None
+            loss, metrics = losses.policy_loss(
+                logp, _shift(mb["old_logp"]), ref, _shift(mb["advantages"]), _shift(mb["loss_mask"]), entropy, cfg)
+            return loss, metrics
+
+        micro = jax.tree.map(self._micro_split, batch)
+        num_micro = micro["tokens"].shape[0]
+
+        def body(acc, mb):
+            (loss, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, mb)
+            acc = jax.tree.map(lambda a, g: a + g / num_micro, acc, grads)
+            return acc, metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, metrics = jax.lax.scan(body, zeros, micro)
+        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics["actor/ratio_max"] = jnp.max(metrics["actor/ratio_max"])
+        metrics["actor/grad_norm"] = optax.global_norm(grads)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, metrics
+
+    # --- supervised warm start ------------------------------------------------------------------
+    def _sft_impl(self, params, opt_state, batch):
+        def loss_fn(p):
+            logp, _ = self._token_logprobs(p, batch["tokens"], batch["valid"])
+            mask = _shift(batch["loss_mask"])
+            return -(logp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"sft/loss": loss, "sft/grad_norm": optax.global_norm(grads)}
+
+    # --- public API -------------------------------------------------------------------------------
+    def shard(self, batch: dict[str, np.ndarray]):
+        return shd.shard_batch(batch, self.mesh)
+
+    def logprobs(self, params, batch) -> jax.Array:
+        """[B, T] logprob of each token given the ones before it (column 0 is 0)."""
+        lp = self._logprobs(params, batch["tokens"], batch["valid"])
+        return jnp.pad(lp, ((0, 0), (1, 0)))
+
+    def update(self, params, opt_state, batch):
+        return self._update(params, opt_state, batch)
+
+    def sft_step(self, params, opt_state, batch):
+        return self._sft(params, opt_state, batch)
