@@ -1,0 +1,131 @@
+"""The benchmark's markdown: machine, versions, limits, then one table per measurement."""
+
+from __future__ import annotations
+
+
+def _f(x, digits=1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}"
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table(header, rows) -> list[str]:
+    return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows), ""]
+
+
+def machine_section(res: dict) -> list[str]:
+    m = res["machine"]
+    v = m["versions"]
+    lim = res["limits"]
+    load0 = m.get("load_avg_at_start") or [None]
+    load1 = res.get("load_avg_at_end") or [None]
+    lines = [
+        f"- Machine: {m['cpu_model']}, {m['cpu_cores']} cores ({m['cpu_cores_usable']} usable), "
+        f"{m['memory_gb']} GB; JAX {m['jax_backend']} x{m['jax_devices']} ({m['jax_device_kind']}); "
+        f"PyTorch on {m['torch_device']} with {m['torch_threads']} threads",
+        f"- Load average (1 min) at start / end: {_f(load0[0], 2)} / {_f(load1[0], 2)}",
+        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- Measured limits ({lim['dtype']}, best of the run's repetitions): memory bandwidth "
+        f"{lim['bandwidth'] / 1e9:.1f} GB/s (JAX {lim['jax_bandwidth'] / 1e9:.1f}, PyTorch "
+        f"{lim.get('torch_bandwidth', 0) / 1e9:.1f}); matmul {lim['matmul_flops'] / 1e9:.1f} GFLOP/s "
+        f"(JAX {lim['jax_matmul_flops'] / 1e9:.1f}, PyTorch {lim.get('torch_matmul_flops', 0) / 1e9:.1f})",
+    ]
+    end = res.get("limits_end")
+    if end:
+        lines.append(
+            f"- Limits measured again at the end: {end['bandwidth'] / 1e9:.1f} GB/s, "
+            f"{end['matmul_flops'] / 1e9:.1f} GFLOP/s (the percentages use the start values)"
+        )
+    return lines + [""]
+
+
+def decode_section(points: list[dict]) -> list[str]:
+    header = ["batch", "prompt", "new", "mode",
+              "ours prefill tok/s", "ours decode tok/s", "HF decode tok/s", "HF compile decode tok/s",
+              "decode x HF", "end-to-end x HF", "ours % limit prefill / decode",
+              "HF % limit decode", "greedy rows equal", "compile s ours / HF-compile", "spread ours / HF"]
+    rows = []
+    for p in points:
+        o, h = p["ours"], p["transformers"]
+        c = p.get("transformers_compile") or {}
+        r = p.get("ratio_vs_transformers", {})
+        rows.append([
+            p["batch"], p["prompt_len"], p["new_tokens"], p["mode"],
+            _f(o["tokens_per_s"]["prefill"]), _f(o["tokens_per_s"]["decode"]), _f(h["tokens_per_s"]["decode"]),
+            ("failed" if "error" in c else _f(c["tokens_per_s"]["decode"])) if c else "-",
+            _f(r.get("decode"), 2), _f(r.get("end_to_end"), 2),
+            f"{_f(o['pct_of_limit']['prefill'])} / {_f(o['pct_of_limit']['decode'])}",
+            _f(h["pct_of_limit"]["decode"]),
+            _f(p.get("greedy_rows_equal"), 2) if p["mode"] == "greedy" else "-",
+            f"{_f(o['compile_s'])} / {_f(c.get('compile_s')) if c and 'error' not in c else '-'}",
+            f"{_f(o['spread']['total'], 2)} / {_f(h['spread']['total'], 2)}",
+        ])
+    return _table(header, rows)
+
+
+def episodes_section(e: dict) -> list[str]:
+    lines = [
+        f"{e['rows']} episodes of {e['turns']} turns ({e['searches_per_episode']} searches, top-3 docs, "
+        f"observations of {e['observation_tokens'][:1]} tokens, {e['policy_tokens_per_turn']} policy tokens per "
+        f"turn), {e['episode_tokens'][0]} tokens each; per-turn limit {e['max_response_length']} "
+        f"(Search-R1 generated {e['searchr1_generated_tokens']:,} tokens to keep "
+        f"{e['rows'] * e['turns'] * e['policy_tokens_per_turn']:,}). Model: {e['model']}.",
+        "",
+    ]
+    header = ["method", "episodes/s", "policy tok/s", "median s", "% of limit", "interrupt/resume is x faster",
+              "compile s", "retrieval s", "spread"]
+    rows = []
+    for name, ratio_key in (("interrupt_resume", None), ("reprefill", "ratio_vs_reprefill"),
+                            ("searchr1_torch", "ratio_vs_searchr1_torch")):
+        s = e[name]
+        rows.append([name, _f(s["episodes_per_s"], 2), _f(s["policy_tokens_per_s"]), _f(s["median_s"]["total"], 2),
+                     _f(s["pct_of_limit"]), _f(e[ratio_key], 2) if ratio_key else "-", _f(s["compile_s"]),
+                     _f(s["median_s"].get("retrieval"), 3), _f(s["spread"]["total"], 2)])
+    return lines + _table(header, rows)
+
+
+def update_section(u: dict) -> list[str]:
+    lines = [f"{u['rows']} episodes padded to {u['width']} ({u['tokens']:,} real tokens, {u['policy_tokens']:,} "
+             f"trained on); first-step loss relative difference {u['loss_rel_diff']:.1e}, gradient norm "
+             f"{u['grad_norm_rel_diff']:.1e}.", ""]
+    header = ["implementation", "tokens/s", "median s", "% of matmul rate", "% of limit", "x PyTorch", "compile s",
+              "spread"]
+    rows = []
+    for name in ("ours", "torch"):
+        s = u[name]
+        rows.append([name, _f(s["tokens_per_s"]), _f(s["median_s"]["total"], 3), _f(s["pct_of_matmul_rate"]),
+                     _f(s["pct_of_limit"]), _f(u["ratio_vs_torch"], 2) if name == "ours" else "-",
+                     _f(s["compile_s"]), _f(s["spread"]["total"], 2)])
+    return lines + _table(header, rows)
+
+
+def render(res: dict) -> str:
+    out = ["# tspo_jax benchmark", "", f"Command: `{res['command']}`", f"Started: {res['started']}", ""]
+    out += machine_section(res)
+    for name, c in res["configs"].items():
+        out += [f"## {name}", ""]
+        if "skipped" in c:
+            out += [f"Skipped: {c['skipped']}", ""]
+            continue
+        m = c["model"]
+        out += [f"{c['about']}. {m['layers']} layers x {m['hidden']}, {m['params'] / 1e6:.1f}M parameters, "
+                f"{m['dtype']}, weights read per step {m['weight_bytes'] / 1e6:.0f} MB.", ""]
+        if c.get("decode"):
+            out += ["### Decode", ""] + decode_section(c["decode"])
+        if c.get("episodes"):
+            out += ["### Search episodes", ""] + episodes_section(c["episodes"])
+        if c.get("update"):
+            out += ["### Policy-update step", ""] + update_section(c["update"])
+        for err in c.get("errors", []):
+            out += [f"- error: {err}"]
+    if res.get("notes"):
+        out += ["## Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
+    return "\n".join(out)

@@ -1,0 +1,211 @@
+"""Throughput against the PyTorch baselines and against what the machine allows.
+
+  python -m tspo_jax.benchmark [--config=tiny,0.5b-random,0.5b-real] [--measure=decode,episodes,update]
+                               [--out=benchmark.json] [--reps=N] [--batches=1,8,32] [--prompt_lens=128]
+                               [--new_tokens=N] [--modes=greedy,sampled] [--torch_compile=auto|off|all]
+                               [--smoke]
+
+Writes FILE.json and FILE.md (a markdown table) with the machine, versions, configs and, per
+measurement, medians of interleaved repetitions (warm-up excluded, compile time apart), the ratio
+to the PyTorch baseline and the "% of limit" against the memory bandwidth and matmul rate measured
+in the same run. See docs/BENCHMARKS.md for what each measurement does and the latest numbers.
+On a GPU the same command runs in bfloat16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+
+import jax
+
+from tspo_jax.bench import configs, costs, decode, episodes, machine, report, update_step
+
+log = logging.getLogger("tspo_jax.benchmark")
+
+MEASUREMENTS = ("decode", "episodes", "update")
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in s.split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return vals
+
+
+def _names(allowed):
+    def parse(s: str) -> tuple[str, ...]:
+        vals = tuple(x for x in s.split(",") if x)
+        if vals == ("all",):
+            return tuple(allowed)
+        bad = [v for v in vals if v not in allowed]
+        if bad or not vals:
+            raise argparse.ArgumentTypeError(f"{bad or s!r} not among {', '.join(allowed)} (or 'all')")
+        return vals
+
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tspo_jax.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=_names(configs.CONFIGS), default=("tiny",),
+                   help="comma-separated configs: " + ", ".join(configs.CONFIGS) + ", or all")
+    p.add_argument("--measure", type=_names(MEASUREMENTS), default=MEASUREMENTS, help="decode,episodes,update")
+    p.add_argument("--out", default="benchmark.json", help="JSON path; the markdown goes beside it (.md)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: per config)")
+    p.add_argument("--batches", type=_ints, default=None, help="decode batch sizes, e.g. 1,8,32")
+    p.add_argument("--prompt_lens", type=_ints, default=None, help="decode prompt lengths, e.g. 128,512")
+    p.add_argument("--new_tokens", type=int, default=None, help="decode tokens per row")
+    p.add_argument("--modes", type=_names(decode.MODES), default=None, help="greedy,sampled")
+    p.add_argument("--torch_compile", choices=("auto", "off", "all"), default="auto",
+                   help="transformers static cache + torch.compile: at the config's points, never, or everywhere")
+    p.add_argument("--checkpoint", default=configs.DEFAULT_CHECKPOINT, help="the real checkpoint for 0.5b-real")
+    p.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/tspo_jax/bench"),
+                   help="where the episode benchmark keeps its corpus and index")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and one repetition (CI)")
+    args = p.parse_args(argv)
+    if args.reps is not None and args.reps < 1:
+        p.error(f"--reps must be >= 1, got {args.reps}")
+    if args.new_tokens is not None and args.new_tokens < 2:
+        p.error(f"--new_tokens must be >= 2 (prefill makes the first), got {args.new_tokens}")
+    if not args.out.endswith(".json"):
+        p.error(f"--out must name a .json file (the markdown goes beside it), got {args.out!r}")
+    return args
+
+
+def resolve_config(name: str, args) -> configs.BenchConfig:
+    bc = configs.CONFIGS[name]
+    if bc.checkpoint:
+        bc = bc.replace(checkpoint=args.checkpoint, tokenizer=args.checkpoint)
+    if args.smoke:
+        bc = configs.smoke(bc)
+    d = bc.decode
+    d = configs.DecodeSpec(
+        batches=args.batches or d.batches,
+        prompt_lens=args.prompt_lens or d.prompt_lens,
+        new_tokens=args.new_tokens or d.new_tokens,
+        modes=args.modes or d.modes,
+        compile_points=d.compile_points,
+    )
+    if args.torch_compile == "off":
+        d = configs.DecodeSpec(d.batches, d.prompt_lens, d.new_tokens, d.modes, ())
+    elif args.torch_compile == "all":
+        pts = tuple((b, t, m) for t in d.prompt_lens for b in d.batches for m in d.modes)
+        d = configs.DecodeSpec(d.batches, d.prompt_lens, d.new_tokens, d.modes, pts)
+    return bc.replace(decode=d, reps=args.reps or bc.reps)
+
+
+def model_summary(cfg) -> dict:
+    return {
+        "layers": cfg.num_layers,
+        "hidden": cfg.hidden_size,
+        "heads": cfg.num_heads,
+        "kv_heads": cfg.num_kv_heads,
+        "vocab": cfg.vocab_size,
+        "tied_head": cfg.tie_word_embeddings,
+        "params": cfg.num_params(),
+        "dtype": cfg.dtype,
+        "weight_bytes": costs.weights_read(cfg),
+    }
+
+
+def _save(res: dict, out: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(out + ".tmp", out)
+    md = out[: -len(".json")] + ".md"
+    with open(md + ".tmp", "w") as f:
+        f.write(report.render(res))
+    os.replace(md + ".tmp", md)
+
+
+def run_config(bc: configs.BenchConfig, args, dtype: str, limits: costs.Limits, res: dict, entry: dict) -> None:
+    save = lambda *_: _save(res, args.out)  # noqa: E731 - partial results survive a crash
+    tokenizer = configs.load_bench_tokenizer(bc.tokenizer)
+    needs_pair = {"decode", "update"} & set(args.measure)
+    if needs_pair:
+        t0 = time.perf_counter()
+        jmodel = configs.jax_model(bc, dtype, tokenizer.vocab_size)
+        tmodel = configs.torch_model(bc.checkpoint or jmodel, dtype)
+        entry["model"] = model_summary(jmodel.cfg)
+        entry["setup_s"] = time.perf_counter() - t0
+        log.info("%s: models ready in %.1fs", bc.name, entry["setup_s"])
+    else:
+        entry["model"] = model_summary(configs.model_config(bc, dtype, tokenizer.vocab_size))
+    if "decode" in args.measure:
+        entry["decode"] = []
+
+        def keep(points):
+            entry["decode"] = list(points)
+            save()
+
+        decode.run(jmodel, tmodel, bc.decode, reps=bc.reps, limits=limits, on_result=keep)
+    if "episodes" in args.measure:
+        if bc.episodes is None:
+            entry["episodes_skipped"] = "needs scripted weights: measured on 0.5b-random (same shape)"
+        else:
+            log.info("%s: search episodes", bc.name)
+            entry["episodes"] = episodes.build_and_measure(
+                bc, dtype, tokenizer, reps=bc.reps, limits=limits, cache_dir=args.cache_dir)
+            save()
+    if "update" in args.measure:
+        log.info("%s: policy-update step", bc.name)
+        entry["update"] = update_step.measure(jmodel, tmodel, bc.update, reps=bc.reps, limits=limits)
+        save()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    dtype = configs.bench_dtype()
+    size = "small" if args.smoke else "auto"
+    res = {
+        "command": "python -m tspo_jax.benchmark " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine.machine_info(),
+        "dtype": dtype,
+        "configs": {},
+        "notes": [],
+    }
+    log.info("measuring the machine's bandwidth and matmul rate")
+    res["limits"] = machine.measure_limits(dtype, size=size)
+    limits = machine.combine([res["limits"]])
+    if res["machine"]["jax_backend"] != "cpu" and res["machine"]["torch_device"] == "cpu":
+        res["notes"].append("JAX ran on the accelerator but PyTorch has no CUDA here: the PyTorch baselines ran on "
+                            "the CPU, so the ratios are not like for like.")
+    for name in args.config:
+        bc = resolve_config(name, args)
+        entry = res["configs"].setdefault(name, {"about": bc.about, "reps": bc.reps})
+        if not configs.checkpoint_available(bc):
+            entry["skipped"] = (f"no checkpoint at {bc.checkpoint}; build it with "
+                                "`python -m tspo_jax.model.build_offline_checkpoint`")
+            log.warning("%s skipped: %s", name, entry["skipped"])
+            continue
+        entry["spec"] = {"decode": vars(bc.decode), "episodes": vars(bc.episodes) if bc.episodes else None,
+                         "update": vars(bc.update)}
+        run_config(bc, args, dtype, limits, res, entry)
+        gc.collect()
+        _save(res, args.out)
+    res["limits_end"] = machine.measure_limits(dtype, size=size)
+    res["load_avg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    _save(res, args.out)
+    log.info("wrote %s and %s", args.out, args.out[: -len(".json")] + ".md")
+    return res
+
+
+if __name__ == "__main__":
+    main()
+    jax.effects_barrier()
