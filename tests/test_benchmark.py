@@ -126,6 +126,19 @@ def test_interleaved_rotates_the_order_and_excludes_warmup():
         timing.interleaved({"a": lambda: {"x": -1.0}}, reps=1)
 
 
+def test_profile_summarises_ops_per_module(tmp_path):
+    from tspo_jax.bench.profile import profile
+
+    f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+    x = jnp.ones((64, 64))
+    f(x).block_until_ready()
+    prof = profile(lambda: f(x).block_until_ready(), str(tmp_path))
+    mods = [m for m in prof["modules"] if "lambda" in m]
+    assert prof["wall_s"] > 0 and mods, prof["modules"].keys()
+    ops = prof["modules"][mods[0]]["top_ops"]
+    assert ops and all(ms >= 0 and n >= 1 for _, ms, n, _ in ops)
+
+
 # --- PyTorch baselines --------------------------------------------------------------------------------
 def _numpy_loss(logp, old, ref, adv, mask, ent, eps=0.2, kl=0.001, ec=0.001):
     ratio = np.exp(np.clip(logp - old, -20, 20))
@@ -166,10 +179,16 @@ def test_torch_step_has_our_gradients(pair):
     through our model, on a ragged right-padded batch."""
     jm, tm = pair
     cfg = jm.cfg
-    batch = update_step.synthetic_episodes(8, 48, cfg.vocab_size, seed=5)
-    updater, _ = update_step.make_updater(jm, 8)
+    batch = update_step.synthetic_episodes(4, 48, cfg.vocab_size, seed=5)
+    # Old / reference logprobs near the model's own (ratios near 1, as in training).
+    with torch.no_grad():
+        t = torch_ppo.to_torch(batch, "cpu")
+        lp = torch_ppo.token_logprobs_and_entropy(tm, t["tokens"], t["valid"])[0].numpy()
+    rs = np.random.default_rng(6)
+    for k in ("old_logp", "ref_logp"):
+        batch[k] = np.pad(lp + 0.05 * rs.standard_normal(lp.shape), ((0, 0), (1, 0))).astype(np.float32)
+        batch[k] *= batch["loss_mask"]
     params = nnx.state(jm, nnx.Param)
-    batch = update_step.with_logprobs(updater, params, batch, seed=5)
     loss_cfg = losses.default_config()
     graphdef = nnx.graphdef(jm)
 
@@ -182,12 +201,12 @@ def test_torch_step_has_our_gradients(pair):
         return losses.policy_loss(logp, s["old_logp"], s["ref_logp"], s["advantages"], s["loss_mask"], ent,
                                   loss_cfg)[0]
 
-    jloss, jgrads = jax.value_and_grad(loss_fn)(params)
+    jloss, jgrads = jax.jit(jax.value_and_grad(loss_fn))(params)
     step = torch_ppo.TorchPolicyStep(tm, lr=1e-6)
     tm.zero_grad(set_to_none=True)
     tloss = step.loss(torch_ppo.to_torch(batch, "cpu"))
     tloss.backward()
-    assert float(tloss) == pytest.approx(float(jloss), rel=1e-5, abs=1e-7)
+    assert float(tloss.detach()) == pytest.approx(float(jloss), rel=1e-5, abs=1e-7)
     tgrads = dict(tm.named_parameters())
     scale = max(np.abs(p.grad.numpy()).max() for p in tgrads.values() if p.grad is not None)
     checked = 0
@@ -262,7 +281,8 @@ def test_smoke_run_writes_json_and_markdown(tmp_path, capsys):
     from tspo_jax import benchmark
 
     out = tmp_path / "bench.json"
-    res = benchmark.main(["--config=tiny", "--smoke", f"--out={out}", f"--cache_dir={tmp_path / 'cache'}"])
+    res = benchmark.main(["--config=tiny", "--smoke", f"--out={out}", f"--cache_dir={tmp_path / 'cache'}",
+                          f"--profile={tmp_path / 'prof'}"])
     saved = json.loads(out.read_text())
     assert saved["configs"].keys() == res["configs"].keys() == {"tiny"}
     c = saved["configs"]["tiny"]
@@ -283,6 +303,9 @@ def test_smoke_run_writes_json_and_markdown(tmp_path, capsys):
     u = c["update"]
     assert u["loss_rel_diff"] < 1e-4 and u["grad_norm_rel_diff"] < 1e-3
     assert u["ours"]["compiles"] in (1, None)
+    assert any("decode" in m for m in c["decode"][0]["ours_profile"]["modules"])
+    assert any("update" in m for m in u["ours_profile"]["modules"])
     md = (tmp_path / "bench.md").read_text()
-    for heading in ("## tiny", "### Decode", "### Search episodes", "### Policy-update step", "Measured limits"):
+    for heading in ("## tiny", "### Decode", "### Search episodes", "### Policy-update step", "Measured limits",
+                    "Profile of ours"):
         assert heading in md

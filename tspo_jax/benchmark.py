@@ -72,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=configs.DEFAULT_CHECKPOINT, help="the real checkpoint for 0.5b-real")
     p.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/tspo_jax/bench"),
                    help="where the episode benchmark keeps its corpus and index")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, run ours once more under jax.profiler (perfetto traces in DIR) and put "
+                        "the top XLA ops of each compiled module in the JSON")
+    p.add_argument("--torch_threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and one repetition (CI)")
     args = p.parse_args(argv)
     if args.reps is not None and args.reps < 1:
@@ -119,6 +123,10 @@ def model_summary(cfg) -> dict:
     }
 
 
+def _sub(root: str | None, name: str) -> str | None:
+    return None if root is None else os.path.join(root, name)
+
+
 def _save(res: dict, out: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".tmp", "w") as f:
@@ -150,18 +158,21 @@ def run_config(bc: configs.BenchConfig, args, dtype: str, limits: costs.Limits, 
             entry["decode"] = list(points)
             save()
 
-        decode.run(jmodel, tmodel, bc.decode, reps=bc.reps, limits=limits, on_result=keep)
+        decode.run(jmodel, tmodel, bc.decode, reps=bc.reps, limits=limits, on_result=keep,
+                   profile_dir=_sub(args.profile, bc.name))
     if "episodes" in args.measure:
         if bc.episodes is None:
             entry["episodes_skipped"] = "needs scripted weights: measured on 0.5b-random (same shape)"
         else:
             log.info("%s: search episodes", bc.name)
             entry["episodes"] = episodes.build_and_measure(
-                bc, dtype, tokenizer, reps=bc.reps, limits=limits, cache_dir=args.cache_dir)
+                bc, dtype, tokenizer, reps=bc.reps, limits=limits, cache_dir=args.cache_dir,
+                profile_dir=_sub(args.profile, bc.name))
             save()
     if "update" in args.measure:
         log.info("%s: policy-update step", bc.name)
-        entry["update"] = update_step.measure(jmodel, tmodel, bc.update, reps=bc.reps, limits=limits)
+        entry["update"] = update_step.measure(jmodel, tmodel, bc.update, reps=bc.reps, limits=limits,
+                                              profile_dir=_sub(args.profile, bc.name))
         save()
 
 
@@ -171,6 +182,10 @@ def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     dtype = configs.bench_dtype()
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     size = "small" if args.smoke else "auto"
     res = {
         "command": "python -m tspo_jax.benchmark " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),

@@ -123,7 +123,8 @@ def limit_seconds(cfg, batch: int, prompt_len: int, new_tokens: int, limits: cos
     return {"prefill": pre, "decode": dec, "end_to_end": pre + dec}
 
 
-def measure_point(jmodel, tmodel, batch, prompt_len, new_tokens, mode, *, reps, limits, with_compile, seed=0):
+def measure_point(jmodel, tmodel, batch, prompt_len, new_tokens, mode, *, reps, limits, with_compile, seed=0,
+                  profile_dir=None):
     if mode not in MODES:
         raise ValueError(f"decode mode must be one of {MODES}, got {mode!r}")
     cfg = jmodel.cfg
@@ -164,10 +165,14 @@ def measure_point(jmodel, tmodel, batch, prompt_len, new_tokens, mode, *, reps, 
         result["greedy_rows_equal"] = float(np.mean(np.all(a == b, axis=1)))
         agree = np.cumprod(a == b, axis=1).sum(axis=1)
         result["greedy_tokens_before_divergence"] = float(agree.mean())
+    if profile_dir:
+        from tspo_jax.bench.profile import profile
+
+        result["ours_profile"] = profile(contenders["ours"], f"{profile_dir}/decode_b{batch}_t{prompt_len}_{mode}")
     return result
 
 
-def run(jmodel, tmodel, spec, *, reps, limits, compile_points=None, on_result=None) -> list[dict]:
+def run(jmodel, tmodel, spec, *, reps, limits, compile_points=None, on_result=None, profile_dir=None) -> list[dict]:
     compile_points = set(spec.compile_points if compile_points is None else compile_points)
     results = []
     for t in spec.prompt_lens:
@@ -176,7 +181,7 @@ def run(jmodel, tmodel, spec, *, reps, limits, compile_points=None, on_result=No
                 log.info("decode: batch %d, prompt %d, %d new tokens, %s", b, t, spec.new_tokens, mode)
                 r = measure_point(
                     jmodel, tmodel, b, t, spec.new_tokens, mode, reps=reps, limits=limits,
-                    with_compile=(b, t, mode) in compile_points,
+                    with_compile=(b, t, mode) in compile_points, profile_dir=profile_dir,
                 )
                 results.append(r)
                 if on_result:

@@ -116,7 +116,7 @@ def _check_same(ours, reprefill, sr1, script: scripted.Script, spec: EpisodeSpec
 
 
 def measure(jmodel, tmodel, tokenizer, retriever, script: scripted.Script, spec: EpisodeSpec, *,
-            reps: int, limits: costs.Limits) -> dict:
+            reps: int, limits: costs.Limits, profile_dir: str | None = None) -> dict:
     graphdef, state = nnx.split(jmodel)
     sampler = sampling.Sampler(
         graphdef, jmodel.cfg, eos_ids=[tokenizer.eos_id], pad_id=tokenizer.pad_id,
@@ -172,10 +172,14 @@ def measure(jmodel, tmodel, tokenizer, retriever, script: scripted.Script, spec:
     out["ratio_vs_reprefill"] = base / out["reprefill"]["episodes_per_s"]
     out["ratio_vs_searchr1_torch"] = base / out["searchr1_torch"]["episodes_per_s"]
     out["compile_counts"] = dict(sampler.compile_counts)
+    if profile_dir:
+        from tspo_jax.bench.profile import profile
+
+        out["interrupt_resume_profile"] = profile(contenders["interrupt_resume"], f"{profile_dir}/episodes")
     return out
 
 
-def build_and_measure(bc, dtype, tokenizer, *, reps, limits, cache_dir) -> dict:
+def build_and_measure(bc, dtype, tokenizer, *, reps, limits, cache_dir, profile_dir=None) -> dict:
     """Builds the scripted model pair and the retriever for `bc`, then measures."""
     from tspo_jax.bench import configs
 
@@ -191,7 +195,8 @@ def build_and_measure(bc, dtype, tokenizer, *, reps, limits, cache_dir) -> dict:
     log.info("episodes: scripted models and retriever ready in %.1fs", time.perf_counter() - t0)
     try:
         return {"model": "scripted " + cfg_summary(cfg), **measure(jmodel, tmodel, tokenizer, retriever, script, spec,
-                                                                  reps=reps, limits=limits)}
+                                                                  reps=reps, limits=limits,
+                                                                  profile_dir=profile_dir)}
     finally:
         retriever.close()
 

@@ -107,6 +107,17 @@ def update_section(u: dict) -> list[str]:
     return lines + _table(header, rows)
 
 
+def profile_section(label: str, prof: dict, modules: int = 2, ops: int = 6) -> list[str]:
+    if not prof or "modules" not in prof:
+        return []
+    lines = [f"Profile of ours, {label} (one run, {prof['wall_s']:.2f}s wall; busy ms per compiled module, top ops "
+             "as [op, ms, calls, % of module]):", ""]
+    for mod, info in list(prof["modules"].items())[:modules]:
+        top = "; ".join(f"{op} {ms:.1f} ms x{n} ({pct}%)" for op, ms, n, pct in info["top_ops"][:ops])
+        lines.append(f"- `{mod}` {info['busy_ms']:.0f} ms: {top}")
+    return lines + [""]
+
+
 def render(res: dict) -> str:
     out = ["# tspo_jax benchmark", "", f"Command: `{res['command']}`", f"Started: {res['started']}", ""]
     out += machine_section(res)
@@ -120,10 +131,14 @@ def render(res: dict) -> str:
                 f"{m['dtype']}, weights read per step {m['weight_bytes'] / 1e6:.0f} MB.", ""]
         if c.get("decode"):
             out += ["### Decode", ""] + decode_section(c["decode"])
+            for p in c["decode"]:
+                out += profile_section(f"batch {p['batch']} prompt {p['prompt_len']} {p['mode']}", p.get("ours_profile"))
         if c.get("episodes"):
             out += ["### Search episodes", ""] + episodes_section(c["episodes"])
+            out += profile_section("interrupt/resume episodes", c["episodes"].get("interrupt_resume_profile"))
         if c.get("update"):
             out += ["### Policy-update step", ""] + update_section(c["update"])
+            out += profile_section("update step", c["update"].get("ours_profile"))
         for err in c.get("errors", []):
             out += [f"- error: {err}"]
     if res.get("notes"):

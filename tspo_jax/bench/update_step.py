@@ -78,7 +78,7 @@ def with_logprobs(updater, params, batch: dict[str, np.ndarray], seed: int = 0) 
     return out
 
 
-def measure(jmodel, tmodel, spec, *, reps: int, limits: costs.Limits) -> dict:
+def measure(jmodel, tmodel, spec, *, reps: int, limits: costs.Limits, profile_dir: str | None = None) -> dict:
     cfg = jmodel.cfg
     updater, tx = make_updater(jmodel, spec.rows)
     # Replicated over the (data-only) mesh and spelled as the step returns them (P()), so the
@@ -138,6 +138,10 @@ def measure(jmodel, tmodel, spec, *, reps: int, limits: costs.Limits) -> dict:
         }
     out["ours"]["compiles"] = _cache_size(updater._update)
     out["ratio_vs_torch"] = out["ours"]["tokens_per_s"] / out["torch"]["tokens_per_s"]
+    if profile_dir:
+        from tspo_jax.bench.profile import profile
+
+        out["ours_profile"] = profile(ours, f"{profile_dir}/update")
     return out
 
 
