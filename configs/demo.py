@@ -10,7 +10,7 @@ a ScaNN index of the demo corpus.
 import ml_collections
 
 from tspo_jax import advantages, losses, rewards
-from tspo_jax.demo_task import INSTRUCTION, demo_paths
+from tspo_jax.demo_task import demo_paths
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -53,7 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout = ml_collections.ConfigDict(dict(
         max_turns=3, max_response_length=48, max_obs_length=160, max_prompt_length=256, max_context_length=0,
         topk=3, temperature=1.0, top_p=1.0, top_k=0, greedy=False, resume="cache", on_retriever_error="raise",
-        template=INSTRUCTION + "\nQuestion: {question}\n", use_chat_template=True))
+        # A short instruction: the tiny policy learns the tags from the warm start, and every
+        # prompt token costs compute in all episodes (configs for real models use the full one).
+        template="Search, then answer.\nQuestion: {question}\n", use_chat_template=True))
 
     c.warmstart = ml_collections.ConfigDict(dict(steps=150, lr=3e-3, batch_size=16, seed=0, from_dir=""))
 

@@ -78,9 +78,11 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     batch_devices = jax.device_count() // (shape[2] if shape[2] != -1 else 1)
     if -1 not in shape[:2]:
         batch_devices = shape[0] * shape[1]
-    if c.micro_batch % batch_devices:
-        raise ConfigError(f"micro_batch={c.micro_batch} must be a multiple of the data x fsdp devices "
-                          f"({batch_devices}) the batch is split over")
+    for name in ("micro_batch", "warmstart.batch_size"):
+        value = c.micro_batch if name == "micro_batch" else c.warmstart.batch_size
+        if value % batch_devices:
+            raise ConfigError(f"{name}={value} must be a multiple of the data x fsdp devices "
+                              f"({batch_devices}) the batch is split over")
     if c.model.checkpoint and not os.path.isdir(os.path.expanduser(c.model.checkpoint)):
         raise ConfigError(f"model.checkpoint={c.model.checkpoint!r} is not a directory: give an HF checkpoint "
                           "directory, or '' to train a fresh model of shape model.arch")

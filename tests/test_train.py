@@ -1,0 +1,176 @@
+"""The main job end to end on the demo task: training, evaluation, resume, SIGTERM, config errors."""
+
+import importlib.util
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from tspo_jax import config_checks
+from tspo_jax.metrics import read_metrics
+from tspo_jax.train import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name="demo.py"):
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs", name))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("demo_index") / "index")
+
+
+def tiny_config(index_dir, **kw):
+    c = load_config()
+    c.total_steps = 3
+    c.prompts_per_step = 2
+    c.group_size = 4
+    c.mini_batch = 8
+    c.micro_batch = 8  # 8 fake devices: the batch is split over all of them
+    c.checkpoint_every = 1
+    c.progress_bar = False
+    c.model.arch.hidden_size = 32
+    c.model.arch.intermediate_size = 64
+    c.model.arch.num_layers = 1
+    c.model.arch.num_heads = 2
+    c.model.arch.num_kv_heads = 1
+    c.retriever.index_dir = index_dir
+    c.retriever.mode = "exact"
+    c.rollout.max_turns = 1
+    c.rollout.max_response_length = 12
+    c.rollout.max_obs_length = 48
+    c.reward.num_turns = 2
+    c.warmstart.steps = 2
+    c.warmstart.batch_size = 8
+    c.eval.every = 3
+    c.eval.max_examples = 4
+    c.eval.batch_size = 4
+    for k, v in kw.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def run(config, workdir):
+    trainer = Trainer(config, workdir)
+    try:
+        last = trainer.train()
+        return trainer, last
+    finally:
+        trainer.close()
+
+
+def test_training_run_writes_metrics_checkpoints_plot_and_eval(index_dir, tmp_path):
+    wd = str(tmp_path / "run")
+    trainer, last = run(tiny_config(index_dir), wd)
+    rows = read_metrics(os.path.join(wd, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # step 0 is the evaluation of the warm start
+    for key in (
+        "critic/score/mean",
+        "adv/homogenized_group_frac",
+        "actor/pg_loss",
+        "actor/grad_norm",
+        "timing_s/gen",
+        "timing_s/update_actor",
+        "perf/throughput",
+        "adv/folr_rescued_frac",
+        "critic/score/demo_2hop",
+    ):
+        assert key in rows[1], key
+    assert "val/em/all" in rows[0] and "val/em/all" in rows[3]
+    assert os.path.exists(os.path.join(wd, "training.png"))
+    assert os.path.exists(os.path.join(wd, "eval", "step_3.md"))
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints")))[-1] == "3"
+    assert os.listdir(os.path.join(wd, "tensorboard"))
+    table = open(os.path.join(wd, "eval", "step_3.md")).read()
+    assert "| demo_" in table and "**all**" in table
+    assert all(np.isfinite(r["actor/grad_norm"]) and r["actor/grad_norm"] >= 0 for r in rows[1:])
+
+
+def test_resume_after_kill_equals_uninterrupted_run(index_dir, tmp_path):
+    full = str(tmp_path / "full")
+    _, _ = run(tiny_config(index_dir, **{"eval.every": 0}), full)
+    split = str(tmp_path / "split")
+    _, _ = run(tiny_config(index_dir, **{"eval.every": 0, "total_steps": 2}), split)  # "killed" after step 2
+    trainer, _ = run(tiny_config(index_dir, **{"eval.every": 0}), split)  # same command again: resumes
+    a = read_metrics(os.path.join(full, "metrics.jsonl"))
+    b = read_metrics(os.path.join(split, "metrics.jsonl"))
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for key in (
+        "critic/score/mean",
+        "actor/pg_loss",
+        "actor/grad_norm",
+        "response_length/mean",
+        "actor/entropy",
+    ):
+        np.testing.assert_allclose(b[2][key], a[2][key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def test_sigterm_saves_and_exits_cleanly(index_dir, tmp_path, monkeypatch):
+    wd = str(tmp_path / "preempted")
+    original = Trainer.step
+
+    def step_then_preempt(self, step):
+        out = original(self, step)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real signal, handled by the trainer
+        return out
+
+    monkeypatch.setattr(Trainer, "step", step_then_preempt)
+    config = tiny_config(index_dir, **{"eval.every": 0, "checkpoint_every": 100})
+    run(config, wd)
+    rows = read_metrics(os.path.join(wd, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1]
+    assert os.listdir(os.path.join(wd, "checkpoints")) == ["1"]  # saved although not a checkpoint step
+    assert signal.getsignal(signal.SIGTERM) is not None
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"advantage.name": "ppo"}, "grpo"),
+        ({"rollout.resume": "maybe"}, "resume must be"),
+        ({"mini_batch": 7}, "multiple of micro_batch"),
+        ({"data.train": "/nope.jsonl"}, "does not exist"),
+        ({"model.checkpoint": "/no/such/dir"}, "not a directory"),
+        ({"reward.folr.scope": "everywhere"}, "scope"),
+        ({"optim.schedule": "linear"}, "constant or cosine"),
+        ({"mesh.shape": (3, 1, 1)}, "needs 3 devices"),
+    ],
+)
+def test_bad_config_is_a_clear_error_before_compute(index_dir, override, message):
+    with pytest.raises(config_checks.ConfigError, match=message):
+        config_checks.validate_config(tiny_config(index_dir, **override))
+
+
+def test_unknown_config_key_on_the_command_line_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tspo_jax.train",
+            f"--config={ROOT}/configs/demo.py",
+            f"--workdir={tmp_path}",
+            "--config.totl_steps=3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert out.returncode != 0
+    assert "totl_steps" in out.stderr
