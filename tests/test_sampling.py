@@ -140,3 +140,22 @@ def test_bad_sampling_params():
         sampling.SamplingParams(temperature=0.0)
     with pytest.raises(ValueError, match="top_p"):
         sampling.SamplingParams(top_p=0.0)
+
+
+def test_sampler_on_a_mesh_splits_the_cache_by_rows_and_matches_one_device(pair):
+  """Each device holds and decodes only its rows: the cache is batch-sharded, results unchanged."""
+  from tspo_jax import sharding as shd
+
+  hf, model, state, smp = pair
+  mesh = shd.make_mesh((4, 2, 1))
+  sharded = sampling.Sampler(nnx.graphdef(model), model.cfg, eos_ids=[7], pad_id=0, mesh=mesh)
+  sharded_state = jax.device_put(state, shd.state_shardings(state, mesh))
+  params = sampling.SamplingParams(greedy=True)
+  expect = smp.generate(state, PROMPTS, max_new_tokens=10, params=params)
+  got = sharded.generate(sharded_state, PROMPTS, max_new_tokens=10, params=params)
+  assert [g["token_ids"] for g in got] == [e["token_ids"] for e in expect]
+  tokens, valid = sampling.left_pad(PROMPTS, 16, 0, num_rows=8)
+  gen = sharded.prefill(sharded_state, tokens, valid, max_len=64)
+  assert gen.cache.k[0].sharding.spec[0] == shd.BATCH_AXES
+  assert len(gen.cache.k[0].addressable_shards) == 8
+  assert gen.cache.k[0].addressable_shards[0].data.shape[0] == 1  # 8 rows over 8 batch devices

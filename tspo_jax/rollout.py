@@ -247,7 +247,7 @@ class EpisodeRunner:
             )
             for i, p in enumerate(prompts)
         ]
-        b = sampling.bucket(rows, 8)
+        b = sampling.bucket(rows, smp.row_multiple)
         width = sampling.bucket(max(len(p) for p in prompts), 16)
         max_len = sampling.bucket(cfg.context_length(width), 64)
         rng = jax.random.key(seed) if rng is None else rng

@@ -81,6 +81,10 @@ def bucket(n: int, minimum: int = 8) -> int:
     return b
 
 
+def _batch_devices(mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def _attend_len(needed: int, max_len: int) -> int:
     """The cache prefix a call attends over: every slot it can write lies below it. Bucketed to
     powers of two so a whole rollout compiles only a few variants."""
@@ -125,6 +129,7 @@ class Sampler:
         token_bytes: Sequence[bytes] | None = None,
         stop_table: StopTable | None = None,
         tokenizer_vocab: int | None = None,
+        mesh=None,
     ):
         self.graphdef = graphdef
         self.cfg = cfg
@@ -143,6 +148,10 @@ class Sampler:
                 np.pad(stop_table.completes, ((0, 0), (0, extra)), constant_values=-1),
             )
         self.stop_table = stop_table
+        # With a mesh, rows (and so the KV cache) are split over the batch axes (data, fsdp) and KV
+        # heads over `tensor` where they divide: each device holds and decodes only its rows.
+        self.mesh = mesh
+        self.row_multiple = 8 if mesh is None else max(8, _batch_devices(mesh))
         # Embedding rows past the tokenizer's vocabulary (Qwen2.5 pads 151,665 to 151,936) are
         # never sampled.
         self.tokenizer_vocab = cfg.vocab_size if tokenizer_vocab is None else int(tokenizer_vocab)
@@ -169,10 +178,30 @@ class Sampler:
 
     def _prefill_impl(self, state, tokens, valid, max_len):
         self.compile_counts["prefill"] += 1
-        cache = KVCache.init(self.cfg, tokens.shape[0], max_len)
+        cache = self._constrain(KVCache.init(self.cfg, tokens.shape[0], max_len))
         logits, cache = self._forward(state, tokens, valid, cache, attend_len=0)
+        cache = self._constrain(cache)
         next_logits = _last_valid_logits(logits, valid, jnp.zeros(logits.shape[::2], jnp.float32))
         return GenState(cache, next_logits)
+
+    def _constrain(self, cache: KVCache) -> KVCache:
+        if self.mesh is None:
+            return cache
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from tspo_jax.sharding import BATCH_AXES
+
+        heads = "tensor" if self.cfg.num_kv_heads % self.mesh.shape["tensor"] == 0 else None
+        kv = NamedSharding(self.mesh, P(BATCH_AXES, heads, None, None))
+        rows = NamedSharding(self.mesh, P(BATCH_AXES))
+        c = jax.lax.with_sharding_constraint
+        return KVCache(
+            k=tuple(c(x, kv) for x in cache.k),
+            v=tuple(c(x, kv) for x in cache.v),
+            valid=c(cache.valid, NamedSharding(self.mesh, P(BATCH_AXES, None))),
+            index=cache.index,
+            next_pos=c(cache.next_pos, rows),
+        )
 
     def _append_impl(self, state, gen, tokens, valid, attend_len):
         self.compile_counts["append"] += 1
@@ -315,7 +344,7 @@ class Sampler:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         n = len(prompts)
-        b = bucket(n, 8)
+        b = bucket(n, self.row_multiple)
         t = bucket(max(len(p) for p in prompts), 16)
         tokens, valid = left_pad(prompts, t, self.pad_id, num_rows=b)
         max_len = bucket(t + max_new_tokens, 64)

@@ -74,7 +74,8 @@ class Trainer:
         self.rollout_cfg = rollout.RolloutConfig(**config.rollout.to_dict())
         self.sampler = sampling.Sampler(
             self.graphdef, self.model_cfg, eos_ids=[self.tokenizer.eos_id], pad_id=self.tokenizer.pad_id,
-            stop_strings=rollout.STOP_STRINGS, token_bytes=self.tokenizer.token_bytes)
+            stop_strings=rollout.STOP_STRINGS, token_bytes=self.tokenizer.token_bytes,
+            mesh=self.mesh)
         self.runner = rollout.EpisodeRunner(self.sampler, self.tokenizer, self.retriever, self.rollout_cfg)
 
         self.tx, self.schedule = update_lib.make_optimizer(config.optim, config.total_steps)
