@@ -370,9 +370,11 @@ class Sampler:
         return results
 
 
-def left_pad(seqs: Sequence[Sequence[int]], width: int, pad_id: int, num_rows: int | None = None):
-    """[num_rows, width] tokens with each sequence right-aligned, and the validity mask.
-    Rows past len(seqs) are all padding (batch bucketing)."""
+def pad_rows(
+    seqs: Sequence[Sequence[int]], width: int, pad_id: int, num_rows: int | None = None, *, left: bool = True
+):
+    """[num_rows, width] tokens and validity mask, each sequence right-aligned (`left` padding, for
+    prompts) or left-aligned (for blocks appended mid-episode). Rows past len(seqs) are padding."""
     num_rows = len(seqs) if num_rows is None else num_rows
     tokens = np.full((num_rows, width), pad_id, np.int32)
     valid = np.zeros((num_rows, width), bool)
@@ -380,19 +382,15 @@ def left_pad(seqs: Sequence[Sequence[int]], width: int, pad_id: int, num_rows: i
         if len(s) > width:
             raise ValueError(f"sequence {i} has {len(s)} tokens, more than the width {width}")
         if len(s):
-            tokens[i, width - len(s) :] = s
-            valid[i, width - len(s) :] = True
+            cols = slice(width - len(s), width) if left else slice(0, len(s))
+            tokens[i, cols] = s
+            valid[i, cols] = True
     return tokens, valid
 
 
-def right_pad(seqs: Sequence[Sequence[int]], width: int, pad_id: int, num_rows: int | None = None):
-    """Like left_pad but left-aligned: used for blocks appended mid-episode."""
-    num_rows = len(seqs) if num_rows is None else num_rows
-    tokens = np.full((num_rows, width), pad_id, np.int32)
-    valid = np.zeros((num_rows, width), bool)
-    for i, s in enumerate(seqs):
-        if len(s) > width:
-            raise ValueError(f"sequence {i} has {len(s)} tokens, more than the width {width}")
-        tokens[i, : len(s)] = s
-        valid[i, : len(s)] = True
-    return tokens, valid
+def left_pad(seqs, width, pad_id, num_rows=None):
+    return pad_rows(seqs, width, pad_id, num_rows, left=True)
+
+
+def right_pad(seqs, width, pad_id, num_rows=None):
+    return pad_rows(seqs, width, pad_id, num_rows, left=False)
