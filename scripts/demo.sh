@@ -12,5 +12,5 @@ pip install -q --disable-pip-version-check --no-deps -e .
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 python -m tspo_jax.train --config=configs/demo.py --workdir=runs/demo "$@"
 python -m tspo_jax.compare --config=configs/demo.py --workdir=runs/compare --warmstart_from=runs/demo/warmstart \
-  --methods=tspo,grpo --seeds=0,1,2 --config.total_steps="${COMPARE_STEPS:-15}" --config.eval.every="${COMPARE_STEPS:-15}"
+  --methods=tspo,grpo --seeds=0,1,2 --config.total_steps="${COMPARE_STEPS:-10}" --config.eval.every="${COMPARE_STEPS:-10}"
 echo "trained model, metrics and plot: runs/demo; comparison: runs/compare/comparison.{md,png}"

@@ -26,6 +26,7 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -101,7 +102,7 @@ class Trainer:
         self.params = warmstart.maybe_warm_start(self, self.config.warmstart)
         # The reference policy is the initial policy: rebuilt the same way on every (re)start.
         self.ref_params = jax.tree.map(jnp.copy, self.params) if self.config.loss.kl_coef else None
-        self.opt_state = self.tx.init(self.params)
+        self.opt_state = self._on_mesh(self.tx.init(self.params))
         self.stream = data.PromptStream(self.train_examples, self.config.prompts_per_step, self.config.seed)
         latest = self.checkpointer.latest_step()
         if latest is None:
@@ -112,6 +113,18 @@ class Trainer:
         self.metrics.truncate_after(latest)
         log.info("resumed from step %d in %s", latest, self.checkpointer.directory)
         return latest
+
+    def _on_mesh(self, tree):
+        """Leaves not already laid out on the mesh (e.g. Adam's step count) become replicated on it,
+        so a restored checkpoint has the same shardings as a fresh start."""
+        replicated = NamedSharding(self.mesh, P())
+
+        def place(x):
+            if isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == self.mesh:
+                return x
+            return jax.device_put(x, replicated)
+
+        return jax.tree.map(place, tree)
 
     def _save(self, step: int, force: bool = False):
         self.checkpointer.save(step, self._state(step), {"data": self.stream.state(), "step": step}, force=force)
