@@ -111,7 +111,8 @@ def plot(runs: dict[str, dict[int, list[dict]]], out_png: str) -> str:
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
+    logging.getLogger("tspo_jax").setLevel(logging.INFO)
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("pass --config=configs/NAME.py and --workdir=DIR")
     workdir = os.path.abspath(_WORKDIR.value)

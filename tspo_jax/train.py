@@ -40,7 +40,7 @@ from tspo_jax.metrics import MetricsWriter, plot_training, read_metrics
 from tspo_jax.policy import build_policy, params_of, save_policy_config
 from tspo_jax.retrieval import make_retriever
 
-log = logging.getLogger("tspo_jax.train")
+log = logging.getLogger("tspo_jax.train")  # not __name__: it is __main__ under python -m
 
 
 def episode_texts(episodes, examples_by_row) -> list[rewards.EpisodeText]:
@@ -274,6 +274,7 @@ def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
+    logging.getLogger("tspo_jax").setLevel(logging.INFO)  # our own progress (warm start, resume, saves)
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("pass --config=configs/NAME.py and --workdir=DIR")
     trainer = Trainer(_CONFIG.value, _WORKDIR.value)
