@@ -98,7 +98,7 @@ def test_mixed_file_matches_transformers_greedy(hf_ckpt, index_dir, tok, tmp_pat
         f"--max_new_tokens={NEW}",
         "--batch_size=2",  # three text batches' worth: ordering across batches is exercised
         f"--retriever={index_dir}",
-        "--max_turns=1",
+        "--max_turns=0",  # one final turn: multi-turn episodes are test_question_runs_a_search_episode's
         "--topk=2",
     ]
     returned = generate.cli(argv)
@@ -133,11 +133,11 @@ def test_mixed_file_matches_transformers_greedy(hf_ckpt, index_dir, tok, tmp_pat
     assert len(ep["logprobs"]) == len(ep["loss_mask"]) == n > 0
     assert all(lp <= 0 for lp in ep["logprobs"])
     assert all(lp == 0 for lp, m in zip(ep["logprobs"], ep["loss_mask"]) if not m)
-    assert 1 <= len(ep["turns"]) <= 2  # max_turns=1: one turn that may search, one final turn
+    assert len(ep["turns"]) == 1 and ep["turns"][0]["observation"] is None
     assert ep["text"] == "".join(t["text"] + (t["observation"] or "") for t in ep["turns"])
     assert ep["stop_reason"] in ("answer", "max_turns", "context")
     for t in ep["turns"]:
-        assert t["action"] in ("search", "answer", "invalid", "search_disabled")
+        assert t["action"] in ("answer", "invalid", "search_disabled")
         assert t["stop"] in ("eos", "stop_string", "length", "context")
 
 
@@ -258,6 +258,16 @@ def test_bad_checkpoint_and_files(hf_ckpt, tmp_path):
     (workdir / "checkpoints").mkdir()
     with pytest.raises(generate.GenerateError, match="no finished checkpoint step"):
         generate.run(str(workdir), src, out)
+    # --tokenizer overrides the checkpoint's: here one without a chat template, for a messages line.
+    plain_tok = tmp_path / "plain_tok"
+    plain_tok.mkdir()
+    (plain_tok / "tokenizer.json").write_text(open(f"{TOK_DIR}/tokenizer.json").read())
+    config = json.load(open(f"{TOK_DIR}/tokenizer_config.json"))
+    config.pop("chat_template")
+    (plain_tok / "tokenizer_config.json").write_text(json.dumps(config))
+    chat = _write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "a"}, {"messages": MESSAGES}])
+    with pytest.raises(generate.GenerateError, match="line 2: this tokenizer has no chat template"):
+        generate.run(hf_ckpt[0], chat, out, tokenizer_dir=str(plain_tok))
     with pytest.raises(generate.GenerateError, match="--batch_size must be at least 1"):
         generate.GenerateOptions(batch_size=0)
     with pytest.raises(generate.GenerateError, match="temperature must be > 0"):
