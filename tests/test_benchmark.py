@@ -227,6 +227,17 @@ def test_torch_model_has_our_weights(pair):
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
 
 
+def test_thread_calibration_picks_a_measured_setting(pair):
+    _, tm = pair
+    before = torch.get_num_threads()
+    try:
+        got = configs.calibrate_torch_threads(tm, reps=1)
+        assert got["threads"] in (1, before) and torch.get_num_threads() == got["threads"]
+        assert got["probe_s"][str(got["threads"])] == min(got["probe_s"].values())
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_searchr1_cut_and_parse_follow_search_r1():
     assert searchr1.cut_response("a<search>q</search> more </search>") == "a<search>q</search>"
     # Search-R1 looks for </search> first, even behind an earlier </answer>.
@@ -281,10 +292,12 @@ def test_smoke_run_writes_json_and_markdown(tmp_path, capsys):
     from tspo_jax import benchmark
 
     out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
     res = benchmark.main(["--config=tiny", "--smoke", f"--out={out}", f"--cache_dir={tmp_path / 'cache'}",
                           f"--profile={tmp_path / 'prof'}"])
     saved = json.loads(out.read_text())
     assert saved["configs"].keys() == res["configs"].keys() == {"tiny"}
+    assert torch.get_num_threads() == threads  # the calibration's setting does not leak
     c = saved["configs"]["tiny"]
     assert saved["machine"]["cpu_cores"] >= 1 and saved["limits"]["bandwidth"] > 0
     assert {(p["batch"], p["mode"]) for p in c["decode"]} == {(2, "greedy"), (2, "sampled")}

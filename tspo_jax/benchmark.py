@@ -15,6 +15,7 @@ On a GPU the same command runs in bfloat16.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -60,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tspo_jax.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=_names(configs.CONFIGS), default=("tiny",),
                    help="comma-separated configs: " + ", ".join(configs.CONFIGS) + ", or all")
-    p.add_argument("--measure", type=_names(MEASUREMENTS), default=MEASUREMENTS, help="decode,episodes,update")
+    p.add_argument("--measure", type=_names(MEASUREMENTS), default=None,
+                   help="decode,episodes,update (default: what each config measures)")
     p.add_argument("--out", default="benchmark.json", help="JSON path; the markdown goes beside it (.md)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: per config)")
     p.add_argument("--batches", type=_ints, default=None, help="decode batch sizes, e.g. 1,8,32")
@@ -94,18 +96,18 @@ def resolve_config(name: str, args) -> configs.BenchConfig:
     if args.smoke:
         bc = configs.smoke(bc)
     d = bc.decode
-    d = configs.DecodeSpec(
-        batches=args.batches or d.batches,
-        prompt_lens=args.prompt_lens or d.prompt_lens,
-        new_tokens=args.new_tokens or d.new_tokens,
-        modes=args.modes or d.modes,
-        compile_points=d.compile_points,
-    )
+    if args.batches or args.prompt_lens or args.modes:  # an explicit grid replaces the config's points
+        d = dataclasses.replace(d, batches=args.batches or d.batches, prompt_lens=args.prompt_lens or d.prompt_lens,
+                                modes=args.modes or d.modes, extra_points=())
+    if args.new_tokens:
+        d = dataclasses.replace(d, new_tokens=args.new_tokens)
     if args.torch_compile == "off":
-        d = configs.DecodeSpec(d.batches, d.prompt_lens, d.new_tokens, d.modes, ())
+        d = dataclasses.replace(d, compile_points=())
     elif args.torch_compile == "all":
-        pts = tuple((b, t, m) for t in d.prompt_lens for b in d.batches for m in d.modes)
-        d = configs.DecodeSpec(d.batches, d.prompt_lens, d.new_tokens, d.modes, pts)
+        d = dataclasses.replace(d, compile_points=tuple(d.points()))
+    if args.reps:  # an explicit --reps applies to every measurement
+        bc = bc.replace(update=dataclasses.replace(bc.update, reps=None),
+                        episodes=bc.episodes and dataclasses.replace(bc.episodes, reps=None))
     return bc.replace(decode=d, reps=args.reps or bc.reps)
 
 
@@ -140,18 +142,32 @@ def _save(res: dict, out: str) -> None:
 
 def run_config(bc: configs.BenchConfig, args, dtype: str, limits: costs.Limits, res: dict, entry: dict) -> None:
     save = lambda *_: _save(res, args.out)  # noqa: E731 - partial results survive a crash
+    measures = args.measure or bc.measures
+    entry["measures"] = list(measures)
     tokenizer = configs.load_bench_tokenizer(bc.tokenizer)
-    needs_pair = {"decode", "update"} & set(args.measure)
-    if needs_pair:
-        t0 = time.perf_counter()
-        jmodel = configs.jax_model(bc, dtype, tokenizer.vocab_size)
-        tmodel = configs.torch_model(bc.checkpoint or jmodel, dtype)
-        entry["model"] = model_summary(jmodel.cfg)
-        entry["setup_s"] = time.perf_counter() - t0
-        log.info("%s: models ready in %.1fs", bc.name, entry["setup_s"])
-    else:
-        entry["model"] = model_summary(configs.model_config(bc, dtype, tokenizer.vocab_size))
-    if "decode" in args.measure:
+    entry["model"] = model_summary(configs.model_config(bc, dtype, tokenizer.vocab_size))
+    # Episodes first: they build their own (scripted) model pair, freed before the next pair.
+    if "episodes" in measures:
+        if bc.episodes is None:
+            entry["episodes_skipped"] = "needs scripted weights: measured on 0.5b-random (same shape)"
+        else:
+            log.info("%s: search episodes", bc.name)
+            entry["episodes"] = episodes.build_and_measure(
+                bc, dtype, tokenizer, reps=bc.episodes.reps or bc.reps, limits=limits, cache_dir=args.cache_dir,
+                profile_dir=_sub(args.profile, bc.name), calibrate_threads=not args.torch_threads)
+            save()
+            gc.collect()
+    if not {"decode", "update"} & set(measures):
+        return
+    t0 = time.perf_counter()
+    jmodel = configs.jax_model(bc, dtype, tokenizer.vocab_size)
+    tmodel = configs.torch_model(bc.checkpoint or jmodel, dtype)
+    entry["setup_s"] = time.perf_counter() - t0
+    log.info("%s: models ready in %.1fs", bc.name, entry["setup_s"])
+    if not args.torch_threads:
+        entry["torch_threads"] = configs.calibrate_torch_threads(tmodel)
+        log.info("%s: PyTorch threads %s", bc.name, entry["torch_threads"])
+    if "decode" in measures:
         entry["decode"] = []
 
         def keep(points):
@@ -160,24 +176,29 @@ def run_config(bc: configs.BenchConfig, args, dtype: str, limits: costs.Limits, 
 
         decode.run(jmodel, tmodel, bc.decode, reps=bc.reps, limits=limits, on_result=keep,
                    profile_dir=_sub(args.profile, bc.name))
-    if "episodes" in args.measure:
-        if bc.episodes is None:
-            entry["episodes_skipped"] = "needs scripted weights: measured on 0.5b-random (same shape)"
-        else:
-            log.info("%s: search episodes", bc.name)
-            entry["episodes"] = episodes.build_and_measure(
-                bc, dtype, tokenizer, reps=bc.reps, limits=limits, cache_dir=args.cache_dir,
-                profile_dir=_sub(args.profile, bc.name))
-            save()
-    if "update" in args.measure:
+    if "update" in measures:
         log.info("%s: policy-update step", bc.name)
-        entry["update"] = update_step.measure(jmodel, tmodel, bc.update, reps=bc.reps, limits=limits,
-                                              profile_dir=_sub(args.profile, bc.name))
+        side_by_side = update_step.fits_side_by_side(jmodel.cfg, machine.available_memory_bytes())
+        if not args.torch_threads:
+            entry["torch_threads_update"] = configs.calibrate_torch_threads(tmodel, train=True)
+            log.info("%s: PyTorch threads for the update %s", bc.name, entry["torch_threads_update"])
+        # Last: the step takes over (donates) our model's parameter buffers.
+        entry["update"] = update_step.measure(jmodel, tmodel, bc.update, reps=bc.update.reps or bc.reps, limits=limits,
+                                              profile_dir=_sub(args.profile, bc.name), side_by_side=side_by_side)
         save()
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _main(parse_args(argv), argv)
+    finally:
+        torch.set_num_threads(threads)  # the calibration changes a process-wide setting
+
+
+def _main(args, argv) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -39,6 +39,12 @@ class DecodeSpec:
     # (batch, prompt_len, mode) points also timed with transformers' static cache + torch.compile
     # (each new shape compiles for minutes on a CPU, so only a few by default).
     compile_points: tuple[tuple[int, int, str], ...] = ()
+    extra_points: tuple[tuple[int, int, str], ...] = ()  # measured besides the grid
+
+    def points(self) -> list[tuple[int, int, str]]:
+        """(batch, prompt_len, mode) in run order: the grid, then the extra points."""
+        grid = [(b, t, m) for t in self.prompt_lens for b in self.batches for m in self.modes]
+        return grid + [p for p in self.extra_points if p not in grid]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +56,14 @@ class EpisodeSpec:
     max_turns: int = 4
     topk: int = 3
     doc_tokens: int = 170  # length of a bench corpus passage: 3 docs ~ a 500-token observation
+    reps: int | None = None  # default: the config's
 
 
 @dataclasses.dataclass(frozen=True)
 class UpdateSpec:
     rows: int  # episodes in the fixed batch
     width: int  # padded length; rows hold between width/2 and width valid tokens
+    reps: int | None = None  # default: the config's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +78,7 @@ class BenchConfig:
     preset: str | None = None
     checkpoint: str | None = None
     tokenizer: str = "demo"  # "demo", "qwen2.5", or a directory
+    measures: tuple[str, ...] = ("decode", "episodes", "update")  # what this config measures by default
 
     def replace(self, **kw) -> "BenchConfig":
         return dataclasses.replace(self, **kw)
@@ -96,11 +105,13 @@ CONFIGS: dict[str, BenchConfig] = {
             batches=(1, 8, 32),
             prompt_lens=(128, 512),
             new_tokens=256,
+            modes=("greedy",),
             compile_points=((8, 128, "greedy"),),
+            extra_points=((1, 128, "sampled"), (8, 128, "sampled"), (32, 128, "sampled")),
         ),
         episodes=EpisodeSpec(rows=8, turn_tokens=60, max_response_length=500),
         update=UpdateSpec(rows=8, width=1024),
-        reps=5,
+        reps=3,
     ),
     "0.5b-random": BenchConfig(
         name="0.5b-random",
@@ -112,11 +123,15 @@ CONFIGS: dict[str, BenchConfig] = {
             batches=(1, 8, 32),
             prompt_lens=(128,),
             new_tokens=64,
-            modes=("greedy", "sampled"),
+            modes=("greedy",),
             compile_points=((8, 128, "greedy"),),
+            extra_points=((8, 128, "sampled"),),
         ),
-        episodes=EpisodeSpec(rows=2, turn_tokens=40, max_response_length=128),
-        update=UpdateSpec(rows=4, width=256),
+        # One episode of ~2,700 tokens costs minutes per method on 2 CPU cores: one repetition.
+        episodes=EpisodeSpec(rows=1, turn_tokens=40, max_response_length=128, reps=1),
+        # Two fp32 AdamW training states of 0.5B (~10 GB each) do not fit a 23 GB machine side by
+        # side: the step is timed in blocks there, and the batch kept small.
+        update=UpdateSpec(rows=2, width=256, reps=2),
         reps=3,
     ),
     "0.5b-real": BenchConfig(
@@ -124,12 +139,15 @@ CONFIGS: dict[str, BenchConfig] = {
         about="the real Qwen2.5-Coder-0.5B-Instruct weights from the offline checkpoint",
         checkpoint=DEFAULT_CHECKPOINT,
         tokenizer=DEFAULT_CHECKPOINT,
-        decode=DecodeSpec(batches=(1, 8, 32), prompt_lens=(128,), new_tokens=64, modes=("greedy",)),
+        # Same shapes as 0.5b-random, so the same costs: one batch size, to check real weights
+        # decode alike on both sides (greedy agreement) at the same speed.
+        decode=DecodeSpec(batches=(8,), prompt_lens=(128,), new_tokens=64, modes=("greedy",)),
         # Episodes need scripted weights (measured on 0.5b-random); the update step's cost does
         # not depend on the weights' values.
         episodes=None,
-        update=UpdateSpec(rows=4, width=256),
+        update=UpdateSpec(rows=2, width=256),
         reps=3,
+        measures=("decode",),
     ),
 }
 
@@ -139,8 +157,8 @@ def smoke(bc: BenchConfig) -> BenchConfig:
     return bc.replace(
         name=bc.name + "-smoke",
         decode=DecodeSpec(batches=(2,), prompt_lens=(16,), new_tokens=8, modes=("greedy", "sampled")),
-        episodes=EpisodeSpec(rows=2, turn_tokens=12, max_response_length=24, max_obs_length=64,
-                             max_turns=1, topk=2, doc_tokens=24),
+        episodes=bc.episodes and EpisodeSpec(rows=2, turn_tokens=12, max_response_length=24, max_obs_length=64,
+                                             max_turns=1, topk=2, doc_tokens=24),
         update=UpdateSpec(rows=8, width=64),
         reps=1,
     )
@@ -248,3 +266,46 @@ def torch_model(source, dtype: str):
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
+
+
+def calibrate_torch_threads(model, train: bool = False, reps: int = 2) -> dict:
+    """Picks PyTorch's faster intra-op thread count, its default or 1, for this model and job here.
+
+    On a CPU shared with other jobs, PyTorch's OpenMP threads meet at a barrier after every op, so
+    one descheduled thread stalls them all: we measured a 0.5B decode step at 2.5 s with 2 threads
+    and 0.39 s with 1 on this machine under load. The baseline gets whichever is faster on a short
+    probe of the job (a prefill block and decode steps; or a forward and backward pass), best of
+    `reps`, so a loaded machine does not flatter us."""
+    import time
+
+    import torch
+
+    if model.device.type != "cpu":
+        return {"threads": None, "note": "not on a CPU"}
+    default = torch.get_num_threads()
+    ids = torch.ones((1, 64 if train else 32), dtype=torch.long)
+
+    def probe():
+        if train:
+            model(ids).logits.float().logsumexp(-1).mean().backward()
+            model.zero_grad(set_to_none=True)
+            return
+        with torch.inference_mode():
+            cache = model(ids, use_cache=True).past_key_values
+            for _ in range(4):
+                cache = model(ids[:, -1:], past_key_values=cache, use_cache=True).past_key_values
+
+    timings = {}
+    for n in sorted({default, 1}, reverse=True):
+        torch.set_num_threads(n)
+        probe()  # warm-up
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            probe()
+            best = min(best, time.perf_counter() - t0)
+        timings[n] = best
+    chosen = min(timings, key=timings.get)
+    torch.set_num_threads(chosen)
+    return {"threads": chosen, "default": default, "probe": "train" if train else "decode",
+            "probe_s": {str(k): v for k, v in timings.items()}}

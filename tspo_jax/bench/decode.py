@@ -172,18 +172,15 @@ def measure_point(jmodel, tmodel, batch, prompt_len, new_tokens, mode, *, reps, 
     return result
 
 
-def run(jmodel, tmodel, spec, *, reps, limits, compile_points=None, on_result=None, profile_dir=None) -> list[dict]:
-    compile_points = set(spec.compile_points if compile_points is None else compile_points)
+def run(jmodel, tmodel, spec, *, reps, limits, on_result=None, profile_dir=None) -> list[dict]:
     results = []
-    for t in spec.prompt_lens:
-        for b in spec.batches:
-            for mode in spec.modes:
-                log.info("decode: batch %d, prompt %d, %d new tokens, %s", b, t, spec.new_tokens, mode)
-                r = measure_point(
-                    jmodel, tmodel, b, t, spec.new_tokens, mode, reps=reps, limits=limits,
-                    with_compile=(b, t, mode) in compile_points, profile_dir=profile_dir,
-                )
-                results.append(r)
-                if on_result:
-                    on_result(results)
+    for b, t, mode in spec.points():
+        log.info("decode: batch %d, prompt %d, %d new tokens, %s", b, t, spec.new_tokens, mode)
+        r = measure_point(
+            jmodel, tmodel, b, t, spec.new_tokens, mode, reps=reps, limits=limits,
+            with_compile=(b, t, mode) in spec.compile_points, profile_dir=profile_dir,
+        )
+        results.append(r)
+        if on_result:
+            on_result(results)
     return results

@@ -179,7 +179,8 @@ def measure(jmodel, tmodel, tokenizer, retriever, script: scripted.Script, spec:
     return out
 
 
-def build_and_measure(bc, dtype, tokenizer, *, reps, limits, cache_dir, profile_dir=None) -> dict:
+def build_and_measure(bc, dtype, tokenizer, *, reps, limits, cache_dir, profile_dir=None,
+                      calibrate_threads=True) -> dict:
     """Builds the scripted model pair and the retriever for `bc`, then measures."""
     from tspo_jax.bench import configs
 
@@ -191,10 +192,11 @@ def build_and_measure(bc, dtype, tokenizer, *, reps, limits, cache_dir, profile_
 
     jmodel = scripted.script_weights(qwen2.init_model(cfg, seed=1), script.successors)
     tmodel = configs.torch_model(jmodel, dtype)
+    threads = configs.calibrate_torch_threads(tmodel) if calibrate_threads else None
     retriever = bench_retriever(tokenizer, spec, cache_dir)
     log.info("episodes: scripted models and retriever ready in %.1fs", time.perf_counter() - t0)
     try:
-        return {"model": "scripted " + cfg_summary(cfg), **measure(jmodel, tmodel, tokenizer, retriever, script, spec,
+        return {"model": "scripted " + cfg_summary(cfg), "torch_threads": threads, **measure(jmodel, tmodel, tokenizer, retriever, script, spec,
                                                                   reps=reps, limits=limits,
                                                                   profile_dir=profile_dir)}
     finally:

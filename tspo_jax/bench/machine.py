@@ -42,6 +42,18 @@ def _mem_total_gb() -> float | None:
     return None
 
 
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _version(pkg: str) -> str | None:
     try:
         return importlib.metadata.version(pkg)

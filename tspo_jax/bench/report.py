@@ -21,6 +21,19 @@ def _table(header, rows) -> list[str]:
     return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows), ""]
 
 
+def _threads(c: dict) -> str:
+    parts = []
+    for key, label in (("torch_threads", "decode"), ("torch_threads_update", "update")):
+        t = c.get(key)
+        if t and t.get("threads"):
+            probe = ", ".join(f"{n} thread(s) {v:.2f}s" for n, v in t["probe_s"].items())
+            parts.append(f"{label} {t['threads']} ({probe})")
+    ep = (c.get("episodes") or {}).get("torch_threads")
+    if ep and ep.get("threads"):
+        parts.append(f"episodes {ep['threads']}")
+    return (" PyTorch intra-op threads, the faster on a probe: " + "; ".join(parts) + ".") if parts else ""
+
+
 def machine_section(res: dict) -> list[str]:
     m = res["machine"]
     v = m["versions"]
@@ -128,7 +141,8 @@ def render(res: dict) -> str:
             continue
         m = c["model"]
         out += [f"{c['about']}. {m['layers']} layers x {m['hidden']}, {m['params'] / 1e6:.1f}M parameters, "
-                f"{m['dtype']}, weights read per step {m['weight_bytes'] / 1e6:.0f} MB.", ""]
+                f"{m['dtype']}, weights read per step {m['weight_bytes'] / 1e6:.0f} MB. {c['reps']} repetitions."
+                + _threads(c), ""]
         if c.get("decode"):
             out += ["### Decode", ""] + decode_section(c["decode"])
             for p in c["decode"]:

@@ -9,6 +9,7 @@ compared to show they compute the same thing.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import jax
@@ -78,13 +79,27 @@ def with_logprobs(updater, params, batch: dict[str, np.ndarray], seed: int = 0) 
     return out
 
 
-def measure(jmodel, tmodel, spec, *, reps: int, limits: costs.Limits, profile_dir: str | None = None) -> dict:
+def fits_side_by_side(cfg, available_bytes: int | None) -> bool:
+    """Whether both steps' training state (params, grads, two AdamW moments each, plus slack for
+    activations) fits in memory at once; if not they are timed one after the other."""
+    if available_bytes is None:
+        return True
+    per_side = 5 * cfg.num_params() * costs.dtype_bytes(cfg.param_dtype)
+    return 2 * per_side < 0.8 * available_bytes
+
+
+def measure(jmodel, tmodel, spec, *, reps: int, limits: costs.Limits, profile_dir: str | None = None,
+            side_by_side: bool = True) -> dict:
+    """Times both steps. The step consumes `jmodel`'s parameter buffers (donated: no second copy in
+    memory), so the model is unusable afterwards. side_by_side=False times all of PyTorch's
+    repetitions first, frees its optimizer state and gradients, then ours (for models whose two
+    training states do not fit in memory together)."""
     cfg = jmodel.cfg
     updater, tx = make_updater(jmodel, spec.rows)
     # Replicated over the (data-only) mesh and spelled as the step returns them (P()), so the
     # step compiles once; placed any other way it compiles again on its second call.
     replicated = NamedSharding(updater.mesh, P())
-    params = jax.device_put(jax.tree.map(jnp.copy, nnx.state(jmodel, nnx.Param)), replicated)
+    params = jax.device_put(nnx.state(jmodel, nnx.Param), replicated, donate=True)
     host = synthetic_episodes(spec.rows, spec.width, cfg.vocab_size)
     host = with_logprobs(updater, params, host)
     batch = updater.shard(host)
@@ -110,7 +125,20 @@ def measure(jmodel, tmodel, spec, *, reps: int, limits: costs.Limits, profile_di
         first.setdefault("torch", {"actor/loss": loss, "actor/grad_norm": norm})
         return {}
 
-    samples = timing.interleaved({"ours": ours, "torch": theirs}, reps)
+    prof = compiles = None
+    if side_by_side:
+        samples = timing.interleaved({"ours": ours, "torch": theirs}, reps)
+    else:
+        samples = timing.interleaved({"ours": ours}, reps)
+        if profile_dir:
+            from tspo_jax.bench.profile import profile
+
+            prof = profile(ours, f"{profile_dir}/update")
+        compiles = _cache_size(updater._update)
+        state.clear()  # free our parameters, moments and gradients before PyTorch allocates its own
+        params = None  # noqa: F841 - drop the last reference
+        gc.collect()
+        samples.update(timing.interleaved({"torch": theirs}, reps))
     lengths = host["valid"].sum(axis=1)
     tokens = int(lengths.sum())
     cost = costs.update_cost(cfg, lengths)
@@ -123,6 +151,7 @@ def measure(jmodel, tmodel, spec, *, reps: int, limits: costs.Limits, profile_di
         "flops": cost.flops,
         "limit_s": limit,
         "first_step": first,
+        "schedule": "interleaved" if side_by_side else "blocked (our repetitions, then PyTorch's: memory)",
         "loss_rel_diff": abs(first["ours"]["actor/loss"] - first["torch"]["actor/loss"])
         / max(abs(first["torch"]["actor/loss"]), 1e-12),
         "grad_norm_rel_diff": abs(first["ours"]["actor/grad_norm"] - first["torch"]["actor/grad_norm"])
@@ -136,12 +165,16 @@ def measure(jmodel, tmodel, spec, *, reps: int, limits: costs.Limits, profile_di
             "pct_of_limit": 100 * limit / med,
             "pct_of_matmul_rate": 100 * cost.flops / med / limits.matmul_flops,
         }
-    out["ours"]["compiles"] = _cache_size(updater._update)
     out["ratio_vs_torch"] = out["ours"]["tokens_per_s"] / out["torch"]["tokens_per_s"]
-    if profile_dir:
-        from tspo_jax.bench.profile import profile
+    if side_by_side:
+        compiles = _cache_size(updater._update)
+        if profile_dir:
+            from tspo_jax.bench.profile import profile
 
-        out["ours_profile"] = profile(ours, f"{profile_dir}/update")
+            prof = profile(ours, f"{profile_dir}/update")
+    out["ours"]["compiles"] = compiles
+    if prof:
+        out["ours_profile"] = prof
     return out
 
 
