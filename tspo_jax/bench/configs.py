@@ -268,6 +268,18 @@ def torch_model(source, dtype: str):
     return model
 
 
+_DEFAULT_THREADS: list[int] = []
+
+
+def _default_threads() -> int:
+    """PyTorch's own thread count, as first seen (a calibration may have changed it since)."""
+    import torch
+
+    if not _DEFAULT_THREADS:
+        _DEFAULT_THREADS.append(torch.get_num_threads())
+    return _DEFAULT_THREADS[0]
+
+
 def calibrate_torch_threads(model, train: bool = False, reps: int = 2) -> dict:
     """Picks PyTorch's faster intra-op thread count, its default or 1, for this model and job here.
 
@@ -282,7 +294,7 @@ def calibrate_torch_threads(model, train: bool = False, reps: int = 2) -> dict:
 
     if model.device.type != "cpu":
         return {"threads": None, "note": "not on a CPU"}
-    default = torch.get_num_threads()
+    default = _default_threads()
     ids = torch.ones((1, 64 if train else 32), dtype=torch.long)
 
     def probe():

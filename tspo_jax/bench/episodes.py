@@ -152,6 +152,7 @@ def measure(jmodel, tmodel, tokenizer, retriever, script: scripted.Script, spec:
         "rows": spec.rows,
         "turns": spec.max_turns + 1,
         "searches_per_episode": spec.max_turns,
+        "topk": spec.topk,
         "policy_tokens_per_turn": len(script.turn_ids),
         "observation_tokens": [s[1] - s[0] for s in (t.obs_span for t in eps[0].turns) if s],
         "episode_tokens": [len(e.tokens) for e in eps],

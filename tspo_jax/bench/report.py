@@ -86,7 +86,7 @@ def decode_section(points: list[dict]) -> list[str]:
 
 def episodes_section(e: dict) -> list[str]:
     lines = [
-        f"{e['rows']} episodes of {e['turns']} turns ({e['searches_per_episode']} searches, top-3 docs, "
+        f"{e['rows']} episodes of {e['turns']} turns ({e['searches_per_episode']} searches, top-{e['topk']} docs, "
         f"observations of {e['observation_tokens'][:1]} tokens, {e['policy_tokens_per_turn']} policy tokens per "
         f"turn), {e['episode_tokens'][0]} tokens each; per-turn limit {e['max_response_length']} "
         f"(Search-R1 generated {e['searchr1_generated_tokens']:,} tokens to keep "
