@@ -57,9 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
         # prompt token costs compute in all episodes (configs for real models use the full one).
         template="Search, then answer.\nQuestion: {question}\n", use_chat_template=True))
 
-    # A short warm start on purpose: 400 steps reach ~0.9 held-out EM and leave RL nothing to do;
-    # 150 steps teach the tags but leave the policy often wrong, which is where RL has to work.
-    c.warmstart = ml_collections.ConfigDict(dict(steps=150, lr=3e-3, batch_size=16, seed=0, from_dir=""))
+    # A partial warm start on purpose (measured, held-out EM): 400 steps reach 0.90 and leave RL
+    # little to do; 150 steps reach only 0.16, where 20 RL steps found too few right answers;
+    # 250 steps reach 0.76, with mixed groups for GRPO and all-wrong ones for FOLR.
+    c.warmstart = ml_collections.ConfigDict(dict(steps=250, lr=3e-3, batch_size=16, seed=0, from_dir=""))
 
     c.reward = rewards.default_config()
     c.reward.num_turns = c.rollout.max_turns + 1
@@ -70,7 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.logprob_chunk = 256
 
     c.optim = ml_collections.ConfigDict(dict(
-        lr=3e-4, schedule="constant", warmup_ratio=0.05, warmup_steps=None, weight_decay=0.01,
+        # lr 1e-3 collapsed the policy within 10 steps (held-out EM 0.76 -> 0.11); 1e-4 improved it.
+        lr=1e-4, schedule="constant", warmup_ratio=0.05, warmup_steps=None, weight_decay=0.01,
         b1=0.9, b2=0.999, grad_clip=1.0))
     c.optim.warmup_steps = ml_collections.config_dict.placeholder(int)
 
