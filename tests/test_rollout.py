@@ -14,6 +14,7 @@ from flax import nnx
 
 from scripted_model import scripted_model, successor_map
 from tspo_jax import rollout, sampling
+from tspo_jax.model import qwen2
 from tspo_jax.demo_task import demo_paths
 from tspo_jax.retrieval import HttpRetriever, RetrieverError, format_docs
 from tspo_jax.retrieval.build_index import build_index
@@ -147,12 +148,14 @@ def test_interrupt_resume_equals_reprefill_from_scratch(tok, retriever):
 def test_sampled_episode_logprobs_match_a_recomputed_forward(tok, retriever):
     runner, state = _runner(tok, retriever, ANSWER_TURN, _cfg(greedy=False, temperature=1.0))
     eps = runner.run(state, [Q_SEARCH, Q_ANSWER], n=3, seed=7)
-    model = nnx.merge(runner.sampler.graphdef, state)
-    for ep in eps:
-        logits, _ = model(np.asarray([ep.tokens]))
-        logp = jax.nn.log_softmax(logits[0], axis=-1)
-        idx = [i for i, m in enumerate(ep.loss_mask) if m]
-        ref = np.asarray(logp[np.asarray(idx) - 1, np.asarray(ep.tokens)[idx]])
+    # One jitted forward over all episodes, right-padded (padding is masked, so each row is exact).
+    width = max(len(ep.tokens) for ep in eps)
+    tokens, valid = sampling.right_pad([ep.tokens for ep in eps], width, 0)
+    fwd = jax.jit(lambda s, t, v: qwen2.apply(runner.sampler.graphdef, s, t, valid=v)[0])
+    logp = np.asarray(jax.nn.log_softmax(fwd(state, tokens, valid), axis=-1))
+    for i, ep in enumerate(eps):
+        idx = np.asarray([j for j, m in enumerate(ep.loss_mask) if m])
+        ref = logp[i, idx - 1, np.asarray(ep.tokens)[idx]]
         assert np.abs(np.asarray(ep.logprobs)[idx] - ref).max() <= 1e-4
 
 

@@ -49,11 +49,19 @@ def test_greedy_equals_transformers_generate_batched_left_padded(pair):
         assert r["stop"] == ("eos" if expect[-1] == 7 else "length")
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_forward(graphdef):
+    return jax.jit(lambda s, t: qwen2.apply(graphdef, s, t)[0])
+
+
 def _recomputed_logprobs(model, prompt, gen, temperature):
-    seq = jnp.asarray([prompt + gen])
-    logits, _ = model(seq)
+    graphdef, state = nnx.split(model)
+    seq = np.zeros((1, 64), np.int32)  # one padded width: a single compile for every call
+    n = len(prompt) + len(gen)
+    seq[0, :n] = prompt + gen
+    logits = _jitted_forward(graphdef)(state, jnp.asarray(seq))
     logp = jax.nn.log_softmax(logits[0] / temperature, axis=-1)
-    pos = np.arange(len(prompt) - 1, len(prompt) + len(gen) - 1)
+    pos = np.arange(len(prompt) - 1, n - 1)
     return np.asarray(logp[pos, np.asarray(gen)])
 
 
@@ -143,19 +151,19 @@ def test_bad_sampling_params():
 
 
 def test_sampler_on_a_mesh_splits_the_cache_by_rows_and_matches_one_device(pair):
-  """Each device holds and decodes only its rows: the cache is batch-sharded, results unchanged."""
-  from tspo_jax import sharding as shd
+    """Each device holds and decodes only its rows: the cache is batch-sharded, results unchanged."""
+    from tspo_jax import sharding as shd
 
-  hf, model, state, smp = pair
-  mesh = shd.make_mesh((4, 2, 1))
-  sharded = sampling.Sampler(nnx.graphdef(model), model.cfg, eos_ids=[7], pad_id=0, mesh=mesh)
-  sharded_state = jax.device_put(state, shd.state_shardings(state, mesh))
-  params = sampling.SamplingParams(greedy=True)
-  expect = smp.generate(state, PROMPTS, max_new_tokens=10, params=params)
-  got = sharded.generate(sharded_state, PROMPTS, max_new_tokens=10, params=params)
-  assert [g["token_ids"] for g in got] == [e["token_ids"] for e in expect]
-  tokens, valid = sampling.left_pad(PROMPTS, 16, 0, num_rows=8)
-  gen = sharded.prefill(sharded_state, tokens, valid, max_len=64)
-  assert gen.cache.k[0].sharding.spec[0] == shd.BATCH_AXES
-  assert len(gen.cache.k[0].addressable_shards) == 8
-  assert gen.cache.k[0].addressable_shards[0].data.shape[0] == 1  # 8 rows over 8 batch devices
+    hf, model, state, smp = pair
+    mesh = shd.make_mesh((4, 2, 1))
+    sharded = sampling.Sampler(nnx.graphdef(model), model.cfg, eos_ids=[7], pad_id=0, mesh=mesh)
+    sharded_state = jax.device_put(state, shd.state_shardings(state, mesh))
+    params = sampling.SamplingParams(greedy=True)
+    expect = smp.generate(state, PROMPTS, max_new_tokens=10, params=params)
+    got = sharded.generate(sharded_state, PROMPTS, max_new_tokens=10, params=params)
+    assert [g["token_ids"] for g in got] == [e["token_ids"] for e in expect]
+    tokens, valid = sampling.left_pad(PROMPTS, 16, 0, num_rows=8)
+    gen = sharded.prefill(sharded_state, tokens, valid, max_len=64)
+    assert gen.cache.k[0].sharding.spec[0] == shd.BATCH_AXES
+    assert len(gen.cache.k[0].addressable_shards) == 8
+    assert gen.cache.k[0].addressable_shards[0].data.shape[0] == 1  # 8 rows over 8 batch devices

@@ -17,12 +17,11 @@ import os
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
 from tspo_jax.metrics import read_metrics
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
+from tspo_jax.train import _CONFIG, _WORKDIR  # the same --config / --workdir flags as the trainer
+
 _METHODS = flags.DEFINE_list("methods", ["tspo", "grpo"], "advantage estimators to compare")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (the same for every method)")
 _WARMSTART = flags.DEFINE_string("warmstart_from", "", "reuse this warm start (a run's workdir/warmstart)")
@@ -31,7 +30,7 @@ LAST_K = 5  # steps averaged for the table's "late" columns
 
 
 def run_one(config, workdir: str) -> list[dict]:
-    from tspo_jax.train import Trainer
+    from tspo_jax.train import Trainer  # noqa: F811
 
     trainer = Trainer(config, workdir)
     try:
@@ -121,6 +120,7 @@ def main(argv):
     for seed in [int(s) for s in _SEEDS.value]:
         for method in _METHODS.value:
             config = _CONFIG.value.copy_and_resolve_references()
+            config.unlock()
             config.advantage.name = method
             config.seed = seed
             if _WARMSTART.value:
