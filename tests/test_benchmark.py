@@ -101,6 +101,27 @@ def test_episode_limit_forwards_every_token_but_the_last_once():
     assert got == pytest.approx(brute, rel=1e-12)
 
 
+def test_method_limits_count_each_methods_own_work():
+    from tspo_jax.bench.episodes import method_limits, synthetic_episodes
+
+    eps = synthetic_episodes(rows=2, prompt_len=5, turn_len=3, obs_len=4, searches=2)
+    assert [len(e.tokens) for e in eps] == [5 + 3 * 3 + 2 * 4] * 2
+    flops_bound = costs.Limits(bandwidth=1e30, matmul_flops=1.0)
+    got = method_limits(TINY, eps, max_response_length=6, limits=flops_bound)
+    w = 2 * costs.matmul_weights(TINY)
+    # Re-prefill: before turn k the whole context (5, 12, 19 tokens) again, then 2 decode steps.
+    ctx = [5, 12, 19]
+    brute = 0.0
+    for c in ctx:
+        brute += c * w + sum(costs.attention_flops(TINY, p + 1) for p in range(c))
+        brute += sum(w + costs.attention_flops(TINY, c + s + 1) for s in range(2))
+    assert got["reprefill"] == pytest.approx(2 * brute, rel=1e-12)
+    # Search-R1 decodes to the limit: 5 steps a turn instead of 2.
+    extra = sum(w + costs.attention_flops(TINY, c + s + 1) for c in ctx for s in range(2, 5))
+    assert got["searchr1_torch"] == pytest.approx(2 * (brute + extra), rel=1e-12)
+    assert got["interrupt_resume"] < got["reprefill"] < got["searchr1_torch"]
+
+
 # --- timing harness ---------------------------------------------------------------------------------
 def test_interleaved_rotates_the_order_and_excludes_warmup():
     calls = []

@@ -103,6 +103,41 @@ def episode_limit(cfg, episodes: list[rollout.Episode], limits: costs.Limits) ->
     return total
 
 
+def method_limits(cfg, episodes: list[rollout.Episode], max_response_length: int, limits: costs.Limits) -> dict:
+    """Least time of each method's own work on these episodes (live rows step together):
+    interrupt/resume as `episode_limit`; re-prefill runs the whole context so far before every
+    turn, then the turn's decode steps; Search-R1 does the same but decodes to the per-turn limit."""
+    out = {"interrupt_resume": episode_limit(cfg, episodes, limits)}
+    turns = max(e.num_turns for e in episodes)
+    for name in ("reprefill", "searchr1_torch"):
+        total = 0.0
+        for k in range(turns):
+            live = [e for e in episodes if e.num_turns > k]
+            ctx = [e.turns[k].policy_span[0] for e in live]
+            total += costs.forward_tokens_cost(cfg, [(0, c) for c in ctx]).seconds(limits)
+            lens = [e.turns[k].policy_span[1] - e.turns[k].policy_span[0] for e in live]
+            steps = max_response_length - 1 if name == "searchr1_torch" else max(lens) - 1
+            for s in range(steps):
+                rows = [(c + s, 1) for c, n in zip(ctx, lens) if name == "searchr1_torch" or s < n - 1]
+                total += costs.forward_tokens_cost(cfg, rows).seconds(limits)
+        out[name] = total
+    return out
+
+
+def synthetic_episodes(rows: int, prompt_len: int, turn_len: int, obs_len: int, searches: int) -> list[rollout.Episode]:
+    """Episodes of the scripted shape (searches x (turn + observation), then one last turn), for
+    projecting `method_limits` onto a model too slow to run them here."""
+    eps = []
+    for r in range(rows):
+        pos, turns = prompt_len, []
+        for k in range(searches + 1):
+            obs = (pos + turn_len, pos + turn_len + obs_len) if k < searches else None
+            turns.append(rollout.Turn("search", (pos, pos + turn_len), obs, "", None))
+            pos = obs[1] if obs else pos + turn_len
+        eps.append(rollout.Episode(str(r), prompt_len, [0] * pos, [], [], [], turns, None, ""))
+    return eps
+
+
 def _check_same(ours, reprefill, sr1, script: scripted.Script, spec: EpisodeSpec):
     for i, (a, b, c) in enumerate(zip(ours, reprefill, sr1)):
         if a.tokens != b.tokens:
@@ -147,7 +182,8 @@ def measure(jmodel, tmodel, tokenizer, retriever, script: scripted.Script, spec:
 
     eps = last["cache"]
     policy_tokens = sum(sum(e.loss_mask) for e in eps)
-    limit = episode_limit(jmodel.cfg, eps, limits)
+    own_limits = method_limits(jmodel.cfg, eps, spec.max_response_length, limits)
+    limit = own_limits["interrupt_resume"]
     out = {
         "rows": spec.rows,
         "turns": spec.max_turns + 1,
@@ -168,6 +204,8 @@ def measure(jmodel, tmodel, tokenizer, retriever, script: scripted.Script, spec:
             "episodes_per_s": spec.rows / med,
             "policy_tokens_per_s": policy_tokens / med,
             "pct_of_limit": 100 * limit / med,
+            "own_limit_s": own_limits[name],
+            "pct_of_own_limit": 100 * own_limits[name] / med,
         }
     base = out["interrupt_resume"]["episodes_per_s"]
     out["ratio_vs_reprefill"] = base / out["reprefill"]["episodes_per_s"]
