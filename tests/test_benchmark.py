@@ -58,13 +58,26 @@ def test_forward_flops_match_xla_cost_analysis():
     xla = analysis["flops"]
     ours = costs.forward_tokens_cost(TINY, [(0, 1)] * 16).flops
     assert ours <= xla <= 1.1 * ours, (ours, xla)
+    # A block of several tokens needs the LM head at its last token only (sampling), or at every
+    # token (training): our forward computes all, so XLA's count matches all_logits=True.
+    block = jnp.ones((4, 5), jnp.int32)
+    compiled = jax.jit(lambda s, t: qwen2.apply(graphdef, s, t)[0]).lower(state, block).compile()
+    analysis = compiled.cost_analysis()
+    xla = (analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"]
+    full = costs.forward_tokens_cost(TINY, [(0, 5)] * 4, all_logits=True).flops
+    last = costs.forward_tokens_cost(TINY, [(0, 5)] * 4).flops
+    head = 2 * TINY.hidden_size * TINY.vocab_size
+    assert full - last == pytest.approx(4 * 4 * head)
+    assert full <= xla <= 1.15 * full, (full, xla)
 
 
 def test_attention_flops_count_every_key_once():
     cfg = TINY
     cached, new = 5, 4
     brute = sum(costs.attention_flops(cfg, cached + j + 1) for j in range(new))
-    got = costs.forward_tokens_cost(cfg, [(cached, new)]).flops - new * 2 * costs.matmul_weights(cfg)
+    head = 2 * cfg.hidden_size * cfg.vocab_size
+    matmuls = new * (2 * costs.matmul_weights(cfg) - head) + head  # the LM head at the last token only
+    got = costs.forward_tokens_cost(cfg, [(cached, new)]).flops - matmuls
     assert math.isclose(got, brute, rel_tol=1e-12)
 
 
@@ -94,10 +107,15 @@ def test_episode_limit_forwards_every_token_but_the_last_once():
     ]
     flops_bound = costs.Limits(bandwidth=1e30, matmul_flops=1.0)
     got = episode_limit(TINY, eps, flops_bound)
+    head = 2 * TINY.hidden_size * TINY.vocab_size
+    body = 2 * costs.matmul_weights(TINY) - head
     brute = 0.0
     for e in eps:
         n = len(e.tokens) - 1  # the last token is sampled, never fed back
-        brute += n * 2 * costs.matmul_weights(TINY) + sum(costs.attention_flops(TINY, p + 1) for p in range(n))
+        brute += n * body + sum(costs.attention_flops(TINY, p + 1) for p in range(n))
+        # Logits are needed where the model samples: at the end of the prompt / an observation,
+        # and after each sampled policy token except a turn's last.
+        brute += head * sum(t.policy_span[1] - t.policy_span[0] for t in e.turns)
     assert got == pytest.approx(brute, rel=1e-12)
 
 
@@ -109,11 +127,13 @@ def test_method_limits_count_each_methods_own_work():
     flops_bound = costs.Limits(bandwidth=1e30, matmul_flops=1.0)
     got = method_limits(TINY, eps, max_response_length=6, limits=flops_bound)
     w = 2 * costs.matmul_weights(TINY)
-    # Re-prefill: before turn k the whole context (5, 12, 19 tokens) again, then 2 decode steps.
+    head = 2 * TINY.hidden_size * TINY.vocab_size
+    # Re-prefill: before turn k the whole context (5, 12, 19 tokens) again (logits at its last
+    # token only), then 2 decode steps.
     ctx = [5, 12, 19]
     brute = 0.0
     for c in ctx:
-        brute += c * w + sum(costs.attention_flops(TINY, p + 1) for p in range(c))
+        brute += c * (w - head) + head + sum(costs.attention_flops(TINY, p + 1) for p in range(c))
         brute += sum(w + costs.attention_flops(TINY, c + s + 1) for s in range(2))
     assert got["reprefill"] == pytest.approx(2 * brute, rel=1e-12)
     # Search-R1 decodes to the limit: 5 steps a turn instead of 2.

@@ -72,17 +72,19 @@ def attention_flops(cfg: Qwen2Config, context: float) -> float:
     return 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
 
 
-def forward_tokens_cost(cfg: Qwen2Config, rows: Iterable[tuple[int, int]]) -> Cost:
+def forward_tokens_cost(cfg: Qwen2Config, rows: Iterable[tuple[int, int]], all_logits: bool = False) -> Cost:
     """One forward call over a block: per row (tokens already cached, new tokens). The new tokens
-    attend causally to the cache and to each other; weights are read once for the whole call."""
+    attend causally to the cache and to each other; weights are read once for the whole call.
+    Sampling needs the LM head only at each row's last token; training (all_logits) at every one."""
     flops, kv = 0.0, 0.0
-    per_tok = 2.0 * matmul_weights(cfg)
+    head = 2.0 * cfg.hidden_size * cfg.vocab_size
+    body = 2.0 * matmul_weights(cfg) - head
     for cached, new in rows:
         if new <= 0:
             continue
         # Query j (0-based) of the block sees cached + j + 1 keys.
         keys = new * cached + new * (new + 1) / 2
-        flops += new * per_tok + attention_flops(cfg, keys)
+        flops += new * body + (new if all_logits else 1) * head + attention_flops(cfg, keys)
         kv += (cached + new) * kv_bytes_per_token(cfg)  # read the cache, write the block
     return Cost(flops, weights_read(cfg) + kv)
 
@@ -115,6 +117,6 @@ def update_cost(cfg: Qwen2Config, row_lengths: Sequence[int]) -> Cost:
     """One policy-update step over rows of the given valid lengths: forward (1x) and backward (2x)
     FLOPs over the real tokens, and the bytes of reading weights forward and backward, writing the
     gradients, and AdamW reading params, grads and both moments and writing params and moments."""
-    fwd = forward_tokens_cost(cfg, [(0, int(n)) for n in row_lengths])
+    fwd = forward_tokens_cost(cfg, [(0, int(n)) for n in row_lengths], all_logits=True)
     param_bytes = cfg.num_params() * dtype_bytes(cfg.param_dtype)
     return Cost(3.0 * fwd.flops, 2 * weights_read(cfg) + param_bytes + 7 * param_bytes)

@@ -93,14 +93,15 @@ def episodes_section(e: dict) -> list[str]:
         f"{e['rows'] * e['turns'] * e['policy_tokens_per_turn']:,}). Model: {e['model']}.",
         "",
     ]
-    header = ["method", "episodes/s", "policy tok/s", "median s", "% of limit", "interrupt/resume is x faster",
-              "compile s", "retrieval s", "spread"]
+    header = ["method", "episodes/s", "policy tok/s", "median s", "% of limit", "% of its own limit",
+              "interrupt/resume is x faster", "compile s", "retrieval s", "spread"]
     rows = []
     for name, ratio_key in (("interrupt_resume", None), ("reprefill", "ratio_vs_reprefill"),
                             ("searchr1_torch", "ratio_vs_searchr1_torch")):
         s = e[name]
         rows.append([name, _f(s["episodes_per_s"], 2), _f(s["policy_tokens_per_s"]), _f(s["median_s"]["total"], 2),
-                     _f(s["pct_of_limit"]), _f(e[ratio_key], 2) if ratio_key else "-", _f(s["compile_s"]),
+                     _f(s["pct_of_limit"]), _f(s.get("pct_of_own_limit")), _f(e[ratio_key], 2) if ratio_key else "-",
+                     _f(s["compile_s"]),
                      _f(s["median_s"].get("retrieval"), 3), _f(s["spread"]["total"], 2)])
     return lines + _table(header, rows)
 
