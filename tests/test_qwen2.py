@@ -114,6 +114,55 @@ def test_append_block_to_chosen_rows(hf_pair):
         assert np.abs(got - full).max() <= TOL
 
 
+def test_chunked_attention_matches_hf_with_and_without_cache(hf_pair):
+    """attention_chunk=4 splits these blocks into several query chunks (the last one ragged): the
+    scoring forward, a chunked prompt, a chunked append to chosen rows, and the decode after it
+    all equal HF on each row's unpadded sequence; gradients equal the unchunked model's."""
+    hf, _, d = hf_pair
+    model = P.load_hf_checkpoint(d, attention_chunk=4)
+    unchunked = P.load_hf_checkpoint(d, attention_chunk=1024)
+    rs = np.random.RandomState(6)
+    prompts = [rs.randint(1, 256, n) for n in (14, 5, 11)]
+    ids, mask = _left_pad(prompts)
+    ours, _ = model(jnp.asarray(ids), valid=jnp.asarray(mask))
+    for i, p in enumerate(prompts):
+        assert np.abs(np.asarray(ours)[i, mask[i]] - hf_logits(hf, p[None])[0]).max() <= TOL
+
+    obs = {0: rs.randint(1, 256, 9), 1: rs.randint(1, 256, 3)}  # row 2 appends nothing
+    nxt = rs.randint(1, 256, (3, 2))
+    cache = qwen2.KVCache.init(model.cfg, batch=3, max_len=ids.shape[1] + 9 + 2)
+    _, cache = model(jnp.asarray(ids), valid=jnp.asarray(mask), cache=cache)
+    blk = np.zeros((3, 9), np.int32)
+    blk_valid = np.zeros((3, 9), bool)
+    for r, o in obs.items():
+        blk[r, : len(o)] = o
+        blk_valid[r, : len(o)] = True
+    appended, cache = model(jnp.asarray(blk), valid=jnp.asarray(blk_valid), cache=cache)
+    outs = []
+    for t in range(2):
+        logits, cache = model(jnp.asarray(nxt[:, t : t + 1]), cache=cache)
+        outs.append(np.asarray(logits)[:, 0])
+    for i, p in enumerate(prompts):
+        o = obs.get(i, np.zeros(0, int))
+        full = hf_logits(hf, np.concatenate([p, o, nxt[i]])[None])[0]
+        if len(o):
+            got = np.asarray(appended)[i, blk_valid[i]]
+            assert np.abs(got - full[len(p) : len(p) + len(o)]).max() <= TOL
+        assert np.abs(np.stack([x[i] for x in outs]) - full[-2:]).max() <= TOL
+
+    from flax import nnx
+
+    def loss(m, s):
+        logits, _ = qwen2.apply(nnx.graphdef(m), s, jnp.asarray(ids), valid=jnp.asarray(mask))
+        return (jax.nn.log_softmax(logits) * mask[..., None]).sum()
+
+    g_chunked = jax.grad(functools.partial(loss, model))(nnx.state(model))
+    g_plain = jax.grad(functools.partial(loss, unchunked))(nnx.state(unchunked))
+    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_plain)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), (np.abs(a - b).max(), np.abs(b).max())
+
+
 def test_jitted_functional_apply_and_remat_gradient(hf_pair):
     _, model, _ = hf_pair
     from flax import nnx
