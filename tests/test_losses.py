@@ -135,6 +135,28 @@ def test_chunked_logprobs_match_reference():
         np.testing.assert_allclose(ent, np_entropy(logits), rtol=1e-5, atol=1e-5, err_msg=str(chunk))
 
 
+def test_vocab_limit_gives_padding_rows_no_probability():
+    """Qwen's embedding has rows past the tokenizer; the sampler never draws them, so the trainer's
+    logprobs and entropy are over the first vocab_limit logits only (and finite)."""
+    rng = np.random.default_rng(7)
+    h = rng.normal(size=(2, 11, 8))
+    w = rng.normal(0, 0.5, (8, 40))
+    limit = 29
+    targets = rng.integers(0, limit, (2, 11))
+    logp, ent = jax.jit(
+        lambda h, w, t: L.token_logprobs_and_entropy(h, w, t, chunk_size=4, temperature=0.8, vocab_limit=limit)
+    )(jnp.asarray(h, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(targets))
+    logits = (h @ w / 0.8)[..., :limit]
+    np.testing.assert_allclose(logp, np_logprobs(logits, targets), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ent, np_entropy(logits), rtol=1e-5, atol=1e-5)
+    grad = jax.grad(
+        lambda w: L.token_logprobs_and_entropy(
+            jnp.asarray(h, jnp.float32), w, jnp.asarray(targets), chunk_size=4, vocab_limit=limit
+        )[0].sum()
+    )(jnp.asarray(w, jnp.float32))
+    assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)[:, limit:]).max() == 0.0
+
+
 def test_chunked_logprobs_accept_bfloat16():
     rng = np.random.default_rng(1)
     h = jnp.asarray(rng.normal(size=(2, 9, 16)), jnp.bfloat16)

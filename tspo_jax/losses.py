@@ -17,6 +17,7 @@ Aggregations, with m the loss mask:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -86,19 +87,26 @@ def entropy_from_logits(logits: jax.Array) -> jax.Array:
     return lse - jnp.sum(probs * logits, axis=-1)
 
 
-@jax.checkpoint
-def _chunk_logprobs_and_entropy(hidden, lm_head, targets, inv_temperature):
+@functools.partial(jax.checkpoint, static_argnums=(4,))
+def _chunk_logprobs_and_entropy(hidden, lm_head, targets, inv_temperature, vocab_limit):
     # Checkpointed: the backward pass recomputes this chunk's logits instead of keeping them.
     logits = jnp.einsum("bcd,dv->bcv", hidden, lm_head, preferred_element_type=jnp.float32)
     logits = logits * inv_temperature
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        # The embedding's padding rows past the tokenizer are never sampled (the sampler masks
+        # them too), so they take no probability here either.
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, jnp.finfo(jnp.float32).min)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     probs = jnp.exp(logits - lse[..., None])
     return picked - lse, lse - jnp.sum(probs * logits, axis=-1)
 
 
-def token_logprobs_and_entropy(hidden, lm_head, targets, *, chunk_size: int, temperature: float = 1.0):
+def token_logprobs_and_entropy(
+    hidden, lm_head, targets, *, chunk_size: int, temperature: float = 1.0, vocab_limit: int | None = None
+):
     """Logprob of targets[b, t] under softmax(hidden[b, t] @ lm_head / temperature), and the entropy.
+    With vocab_limit, only the first vocab_limit logits (the tokenizer's ids) take part.
 
     hidden [B, T, D] (any float dtype; the matmul accumulates in float32), lm_head [D, V],
     targets [B, T] int (hidden at position t predicts targets[b, t]). The sequence is cut into
@@ -127,7 +135,7 @@ def token_logprobs_and_entropy(hidden, lm_head, targets, *, chunk_size: int, tem
     inv_temperature = jnp.asarray(1.0 / temperature, jnp.float32)
 
     def body(xs):
-        return _chunk_logprobs_and_entropy(xs[0], lm_head, xs[1], inv_temperature)
+        return _chunk_logprobs_and_entropy(xs[0], lm_head, xs[1], inv_temperature, vocab_limit)
 
     logp, entropy = jax.lax.map(body, (hidden_chunks, target_chunks))
     logp = logp.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :t]

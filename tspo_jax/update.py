@@ -11,7 +11,6 @@ Optax step), and a supervised step for warm starts. Parameters stay sharded over
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import jax
@@ -24,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tspo_jax import losses
 from tspo_jax import sharding as shd
-from tspo_jax.model.qwen2 import Qwen2Config, apply
+from tspo_jax.model.qwen2 import Qwen2Config
 from tspo_jax.sampling import bucket
 
 
@@ -86,6 +85,7 @@ class PolicyUpdater:
     mesh: Mesh
     temperature: float = 1.0
     micro_batch: int = 8
+    tokenizer_vocab: int | None = None  # ids past it (embedding padding) get no probability
 
     def __post_init__(self):
         self.loss_cfg = ml_collections.ConfigDict(self.loss_cfg.to_dict())  # frozen copy for tracing
@@ -99,7 +99,8 @@ class PolicyUpdater:
         hidden, _ = model(tokens, valid=valid, return_hidden=True)
         logp, entropy = losses.token_logprobs_and_entropy(
             hidden[:, :-1], model.lm_head_kernel(), _shift(tokens),
-            chunk_size=self.loss_cfg.logprob_chunk, temperature=self.temperature)
+            chunk_size=self.loss_cfg.logprob_chunk, temperature=self.temperature,
+            vocab_limit=self.tokenizer_vocab)
         return logp, entropy
 
     def _logprobs_impl(self, params, tokens, valid):
