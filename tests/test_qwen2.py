@@ -86,6 +86,26 @@ def test_prefill_then_decode_equals_full_forward(hf_pair):
     np.testing.assert_array_equal(np.asarray(cache.next_pos), [len(p) + 6 for p in prompts])
 
 
+def _prompt_append_decode(model, ids, mask, obs, nxt):
+    """Prefills left-padded prompts, appends obs[row] to the listed rows (a right-padded block, the
+    other rows get invalid slots), then decodes nxt one token at a time. Returns the block's
+    logits, its validity and each decode step's logits."""
+    width = max(len(o) for o in obs.values())
+    cache = qwen2.KVCache.init(model.cfg, batch=ids.shape[0], max_len=ids.shape[1] + width + nxt.shape[1])
+    _, cache = model(jnp.asarray(ids), valid=jnp.asarray(mask), cache=cache)
+    blk = np.zeros((ids.shape[0], width), np.int32)
+    blk_valid = np.zeros((ids.shape[0], width), bool)
+    for r, o in obs.items():
+        blk[r, : len(o)] = o
+        blk_valid[r, : len(o)] = True
+    appended, cache = model(jnp.asarray(blk), valid=jnp.asarray(blk_valid), cache=cache)
+    outs = []
+    for t in range(nxt.shape[1]):
+        logits, cache = model(jnp.asarray(nxt[:, t : t + 1]), cache=cache)
+        outs.append(np.asarray(logits)[:, 0])
+    return np.asarray(appended), blk_valid, outs
+
+
 def test_append_block_to_chosen_rows(hf_pair):
     """An observation appended to some rows only (the others get invalid slots), then decoding
     resumes: every row equals its own unpadded sequence run from scratch."""
@@ -95,18 +115,7 @@ def test_append_block_to_chosen_rows(hf_pair):
     obs = {0: rs.randint(1, 256, 5), 2: rs.randint(1, 256, 2)}  # row 1 appends nothing
     nxt = rs.randint(1, 256, (3, 3))
     ids, mask = _left_pad(prompts)
-    cache = qwen2.KVCache.init(model.cfg, batch=3, max_len=ids.shape[1] + 5 + 3)
-    _, cache = model(jnp.asarray(ids), valid=jnp.asarray(mask), cache=cache)
-    blk = np.zeros((3, 5), np.int32)
-    blk_valid = np.zeros((3, 5), bool)
-    for r, o in obs.items():
-        blk[r, : len(o)] = o
-        blk_valid[r, : len(o)] = True
-    _, cache = model(jnp.asarray(blk), valid=jnp.asarray(blk_valid), cache=cache)
-    outs = []
-    for t in range(3):
-        logits, cache = model(jnp.asarray(nxt[:, t : t + 1]), cache=cache)
-        outs.append(np.asarray(logits)[:, 0])
+    _, _, outs = _prompt_append_decode(model, ids, mask, obs, nxt)
     for i, p in enumerate(prompts):
         seq = np.concatenate([p, obs.get(i, np.zeros(0, int)), nxt[i]])
         full = hf_logits(hf, seq[None])[0][-3:]
@@ -130,23 +139,12 @@ def test_chunked_attention_matches_hf_with_and_without_cache(hf_pair):
 
     obs = {0: rs.randint(1, 256, 9), 1: rs.randint(1, 256, 3)}  # row 2 appends nothing
     nxt = rs.randint(1, 256, (3, 2))
-    cache = qwen2.KVCache.init(model.cfg, batch=3, max_len=ids.shape[1] + 9 + 2)
-    _, cache = model(jnp.asarray(ids), valid=jnp.asarray(mask), cache=cache)
-    blk = np.zeros((3, 9), np.int32)
-    blk_valid = np.zeros((3, 9), bool)
-    for r, o in obs.items():
-        blk[r, : len(o)] = o
-        blk_valid[r, : len(o)] = True
-    appended, cache = model(jnp.asarray(blk), valid=jnp.asarray(blk_valid), cache=cache)
-    outs = []
-    for t in range(2):
-        logits, cache = model(jnp.asarray(nxt[:, t : t + 1]), cache=cache)
-        outs.append(np.asarray(logits)[:, 0])
+    appended, blk_valid, outs = _prompt_append_decode(model, ids, mask, obs, nxt)
     for i, p in enumerate(prompts):
         o = obs.get(i, np.zeros(0, int))
         full = hf_logits(hf, np.concatenate([p, o, nxt[i]])[None])[0]
         if len(o):
-            got = np.asarray(appended)[i, blk_valid[i]]
+            got = appended[i, blk_valid[i]]
             assert np.abs(got - full[len(p) : len(p) + len(o)]).max() <= TOL
         assert np.abs(np.stack([x[i] for x in outs]) - full[-2:]).max() <= TOL
 
