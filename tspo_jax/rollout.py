@@ -24,6 +24,7 @@ import numpy as np
 
 from tspo_jax import sampling
 from tspo_jax.retrieval.base import Doc, Retriever, RetrieverError, format_docs
+from tspo_jax.sharding import to_host
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ class EpisodeRunner:
             gen, out = smp.decode(
                 state, gen, key, max_new=cfg.max_response_length, params=cfg.sampling_params, active=alive
             )
-            out = jax.device_get(out)
+            out = to_host(out)  # every process needs every row: host-side work is replicated
             appends: dict[int, list[int]] = {}
             searches: list[tuple[int, str]] = []
             for i in np.flatnonzero(alive):

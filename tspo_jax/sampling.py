@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from tspo_jax.model.qwen2 import KVCache, Qwen2, Qwen2Config, apply, block_positions
+from tspo_jax.sharding import to_host
 from tspo_jax.stop_strings import StopTable, build_stop_table
 
 log = logging.getLogger(__name__)
@@ -352,7 +353,7 @@ class Sampler:
         active = np.arange(b) < n
         rng = jax.random.key(seed) if rng is None else rng
         gen, out = self.decode(state, gen, rng, max_new=max_new_tokens, params=params, active=active)
-        out = jax.device_get(out)
+        out = to_host(out)
         results = []
         for i in range(n):
             k = int(out.num_tokens[i])

@@ -4,6 +4,9 @@ Mesh axes are (data, fsdp, tensor). Parameters are sharded over (fsdp, tensor) b
 names every parameter carries (`logical_axes` metadata, see model/qwen2.py); batches are sharded
 over (data, fsdp). The same code runs on 1 CPU, 8 fake CPU devices, a GPU node or a TPU pod: the
 mesh shape is the only thing that changes.
+
+Multi-host, every process runs the same host-side Python on the same data: batches go onto the
+mesh with `put_global` (each process copies its own shards) and come back whole with `to_host`.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import zlib
 from typing import Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -118,8 +123,35 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 
 def shard_batch(tree, mesh: Mesh):
-    """Places every array of a host batch on the mesh, split along its leading axis."""
-    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), tree)
+    """Places every array of a host batch on the mesh, split along its leading axis.
+
+    Every process holds the same whole batch (host-side rollout runs on each); each copies only
+    the rows its own devices hold."""
+    return jax.tree.map(lambda x: put_global(x, batch_sharding(mesh, np.ndim(x))), tree)
+
+
+def put_global(x, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array, the same on every process, as a jax.Array laid out by `sharding`."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    # Multi-process: device_put would first compare the whole array across processes (an
+    # all-gather per array); each process copies its own shards instead.
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_host(tree):
+    """NumPy copies of a pytree of arrays, whole on every process.
+
+    Multi-process, an array sharded over the mesh has shards on other hosts: they are gathered,
+    since host-side Python (parsing, retrieval, packing) runs the same on every process."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
 
 
 def maybe_initialize_distributed(
@@ -135,6 +167,9 @@ def maybe_initialize_distributed(
         process_id = int(os.environ["TSPO_PROCESS_ID"])
     on_tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
     if coordinator_address or on_tpu_pod:
+        if jax.config.jax_cpu_collectives_implementation is None:
+            # CPU processes reach each other's devices only through a collectives library.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         if not jax.distributed.is_initialized():
             jax.distributed.initialize(
                 coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
@@ -147,3 +182,11 @@ def maybe_initialize_distributed(
             jax.device_count(),
         )
     return jax.process_count() > 1
+
+
+def assert_same_on_all_processes(x: np.ndarray, what: str) -> None:
+    """Fails loudly when host-side work that every process repeats gave different results
+    (e.g. a retriever that differs between hosts): the processes would train on different data."""
+    if jax.process_count() > 1:
+        checksum = np.uint32(zlib.crc32(np.ascontiguousarray(x).tobytes()))
+        multihost_utils.assert_equal(checksum, f"{what} differ between processes")

@@ -55,11 +55,11 @@ def episode_texts(episodes, examples_by_row) -> list[rewards.EpisodeText]:
 
 class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        shd.maybe_initialize_distributed()  # first: anything that asks JAX for devices fixes them
         validate_config(config)
         self.config = config
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
-        shd.maybe_initialize_distributed()
         self.mesh = shd.make_mesh(tuple(config.mesh.shape))
         self.is_main = jax.process_index() == 0
 
@@ -83,7 +83,7 @@ class Trainer:
         self.updater = update_lib.PolicyUpdater(
             self.graphdef, self.model_cfg, config.loss, self.tx, self.mesh,
             temperature=1.0 if config.rollout.greedy else config.rollout.temperature,
-            micro_batch=config.micro_batch)
+            micro_batch=config.micro_batch, tokenizer_vocab=self.sampler.tokenizer_vocab)
 
         self.train_examples = data.load_qa(config.data.train)
         self.test_examples = data.load_qa(config.data.test) if config.data.test else []
@@ -95,7 +95,9 @@ class Trainer:
 
     # --- state ----------------------------------------------------------------------------------
     def _state(self, step: int):
-        return {"params": self.params, "opt_state": self.opt_state, "step": jnp.int32(step)}
+        # The step replicated on the mesh: Orbax cannot save a process-local array multi-host.
+        step = shd.put_global(np.int32(step), NamedSharding(self.mesh, P()))
+        return {"params": self.params, "opt_state": self.opt_state, "step": step}
 
     def _init_or_restore(self) -> int:
         """Warm start (if configured), the frozen reference, then the latest checkpoint if any."""
@@ -151,21 +153,22 @@ class Trainer:
 
         num_rows = len(episodes)  # validate_config: a multiple of the mini-batch, which divides the mesh
         packed = update_lib.pack_episodes(episodes)
+        shd.assert_same_on_all_processes(packed["tokens"], "the episodes")
         group_ids = np.asarray([e.group for e in episodes], np.int32)
 
         t0 = time.perf_counter()
         dev = self.updater.shard(packed)
         if self.ref_params is not None:
-            packed["ref_logp"] = np.asarray(self.updater.logprobs(self.ref_params, dev))
+            packed["ref_logp"] = shd.to_host(self.updater.logprobs(self.ref_params, dev))
         if cfg.recompute_old_logprobs:
-            packed["old_logp"] = np.asarray(self.updater.logprobs(self.params, dev))
+            packed["old_logp"] = shd.to_host(self.updater.logprobs(self.params, dev))
         timing["timing_s/ref"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         token_adv, adv_metrics = adv_lib.compute_advantages(
             cfg.advantage.name, rb.outcome, rb.turn_returns, rb.turn_valid, rb.first_occurrence, group_ids,
             dev["turn_ids"], dev["loss_mask"], num_groups=len(batch), eps=cfg.advantage.eps, correct=rb.em > 0)
-        packed["advantages"] = np.asarray(token_adv)
+        packed["advantages"] = shd.to_host(token_adv)
         timing["timing_s/adv"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from tspo_jax import rollout
 from tspo_jax import update as update_lib
@@ -32,14 +33,23 @@ def ensure_index(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     if not cfg.corpus:
         raise ValueError("set retriever.spec (a URL or an index directory) or retriever.corpus (a JSONL to index)")
     index_dir = os.path.expanduser(cfg.index_dir or os.path.join(workdir, "index"))
+    # Process 0 builds while the others wait; a process whose disk does not share index_dir then
+    # builds its own copy (the retriever runs on every host).
+    if jax.process_index() == 0:
+        _build_index_if_missing(cfg, index_dir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("tspo_jax: retrieval index built")
+        _build_index_if_missing(cfg, index_dir)
+    return index_dir
+
+
+def _build_index_if_missing(cfg: ml_collections.ConfigDict, index_dir: str) -> None:
     if os.path.exists(os.path.join(index_dir, "manifest.json")):
-        return index_dir
+        return
     from tspo_jax.retrieval.build_index import build_index
 
-    if jax.process_index() == 0:
-        log.info("building the %s index of %s into %s", cfg.mode, cfg.corpus, index_dir)
-        build_index(cfg.corpus, index_dir, mode=cfg.mode, overwrite=True, progress=False)
-    return index_dir
+    log.info("building the %s index of %s into %s", cfg.mode, cfg.corpus, index_dir)
+    build_index(cfg.corpus, index_dir, mode=cfg.mode, overwrite=True, progress=False)
 
 
 # --- supervised warm start ------------------------------------------------------------------------
@@ -101,7 +111,7 @@ def maybe_warm_start(trainer, cfg: ml_collections.ConfigDict):
                          optax.adamw(optax.warmup_constant_schedule(0.0, cfg.lr, max(cfg.steps // 10, 1)),
                                      weight_decay=0.0))
     updater = update_lib.PolicyUpdater(trainer.graphdef, trainer.model_cfg, trainer.config.loss, sft_tx,
-                                       trainer.mesh)
+                                       trainer.mesh, tokenizer_vocab=trainer.sampler.tokenizer_vocab)
     demos = demonstration_episodes(trainer.train_examples, trainer.tokenizer, trainer.retriever,
                                    trainer.rollout_cfg)
     if not demos:
