@@ -7,7 +7,6 @@ The decoder layers keep small random weights: every logit still depends on the w
 multi-turn episodes deterministically through the real sampler, cache and rollout code.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -21,7 +21,10 @@ _ALPHABET = "abcdefghijklmnopqrstuvwxyzÉéüß東京 -'"
 def _random_rows(n, seed, with_ids=True):
     """Search-R1 style rows with ragged gold lists and non-ASCII text."""
     rng = random.Random(seed)
-    word = lambda: "".join(rng.choice(_ALPHABET) for _ in range(rng.randint(3, 9))).strip() or "x"
+
+    def word():
+        return "".join(rng.choice(_ALPHABET) for _ in range(rng.randint(3, 9))).strip() or "x"
+
     rows = []
     for i in range(n):
         golds = [word() for _ in range(rng.randint(1, 4))]
@@ -209,7 +212,10 @@ def test_array_record_stream_matches_list(tmp_path):
     build_array_record(qa, tmp_path / "ar", split="test")
     source = open_qa_source(tmp_path / "ar", split="test")
     examples = load_qa(qa)
-    take = lambda stream: [b for _, b in zip(range(7), stream)]
+
+    def take(stream):
+        return [b for _, b in zip(range(7), stream)]
+
     assert take(PromptStream(source, 4, seed=11)) == take(PromptStream(examples, 4, seed=11))
     with pytest.raises(ValueError, match="Split 'train'.*available.*test"):
         open_qa_source(tmp_path / "ar", split="train")

@@ -5,7 +5,6 @@ episode's structure is known exactly; its small random layers keep each logprob 
 whole context, so interrupt/resume on the cache is checked against re-prefilling from scratch.
 """
 
-import json
 
 import jax
 import numpy as np
@@ -38,7 +37,7 @@ def tok():
 def retriever(tmp_path_factory):
     d = tmp_path_factory.mktemp("idx")
     corpus = d / "corpus.jsonl"
-    lines = [l for l in open(demo_paths()["corpus"])][:40]
+    lines = list(open(demo_paths()["corpus"]))[:40]
     corpus.write_text("".join(lines))
     build_index(str(corpus), str(d / "index"), mode="exact", progress=False)
     r = LocalRetriever(str(d / "index"))

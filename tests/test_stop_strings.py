@@ -3,7 +3,6 @@ contains a stop string, checked against decoding with the real tokenizers on fuz
 
 import functools
 
-import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 

@@ -8,14 +8,12 @@ methods are checked to produce the same token sequences before any time is repor
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
 
-import jax
 import numpy as np
 from flax import nnx
 

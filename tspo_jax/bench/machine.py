@@ -114,12 +114,12 @@ def measure_limits(dtype: str = "float32", reps: int = 5, size: str = "auto") ->
 
     x = jnp.ones((n_bytes // 4,), jnp.float32)
     jsum = jax.jit(jnp.sum)
-    out["jax_bandwidth"] = n_bytes / _best_time(lambda: jsum(x).block_until_ready(), reps)
+    out["jax_bandwidth"] = n_bytes / _best_time(lambda x=x: jsum(x).block_until_ready(), reps)
     del x
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jdt)
     b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), jdt)
     jmm = jax.jit(jnp.matmul)
-    out["jax_matmul_flops"] = 2 * n**3 / _best_time(lambda: jmm(a, b).block_until_ready(), reps)
+    out["jax_matmul_flops"] = 2 * n**3 / _best_time(lambda a=a, b=b: jmm(a, b).block_until_ready(), reps)
     del a, b
 
     torch_here = (not on_gpu) or torch.cuda.is_available()

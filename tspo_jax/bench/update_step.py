@@ -13,7 +13,6 @@ import gc
 import logging
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
