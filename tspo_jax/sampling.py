@@ -14,7 +14,6 @@ says how often each function was traced.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from collections import Counter
 from typing import Sequence
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tspo_jax.model.qwen2 import KVCache, Qwen2, Qwen2Config, apply, block_positions
+from tspo_jax.model.qwen2 import KVCache, Qwen2, Qwen2Config, apply
 from tspo_jax.sharding import to_host
 from tspo_jax.stop_strings import StopTable, build_stop_table
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
-import sys
 import time
 
 import jax
@@ -69,6 +67,9 @@ class Trainer:
         self.params = params_of(model)
         tokenizer_dir = config.model.tokenizer or config.model.checkpoint
         save_policy_config(self.workdir, model, tokenizer_dir)
+        if self.is_main:  # the whole run config (prompt template, rewards, ...), as verl keeps it
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
 
         self.retriever = make_retriever(warmstart.ensure_index(config.retriever, self.workdir),
                                         timeout_s=config.retriever.timeout_s, retries=config.retriever.retries)
