@@ -138,9 +138,21 @@ def test_similar_batches_do_not_recompile(pair):
     _, _, state, smp = pair
     smp.generate(state, PROMPTS, max_new_tokens=8)
     before = dict(smp.compile_counts)
-    smp.generate(state, [[1, 2], [3, 4, 5, 6, 7]], max_new_tokens=8, seed=4)  # same buckets
-    smp.generate(state, PROMPTS[:1] * 5, max_new_tokens=8, seed=9)
+    smp.generate(state, [[1, 2], [3, 4, 5, 6, 7], [8], [9, 9]], max_new_tokens=8, seed=4)  # same buckets
+    smp.generate(state, PROMPTS[:1] * 3, max_new_tokens=8, seed=9)
     assert dict(smp.compile_counts) == before
+
+
+def test_a_single_prompt_decodes_on_one_row(pair):
+    """Rows are bucketed 1, 2, 4, ...: one prompt compiles a one-row shape (no padding to 8) and
+    gives the tokens it gets inside a batch."""
+    _, _, state, smp = pair
+    greedy = sampling.SamplingParams(greedy=True)
+    batched = smp.generate(state, PROMPTS, max_new_tokens=6, params=greedy)
+    before = smp.compile_counts["decode"]
+    alone = smp.generate(state, PROMPTS[1:2], max_new_tokens=6, params=greedy)
+    assert smp.compile_counts["decode"] == before + 1
+    assert alone[0]["token_ids"] == batched[1]["token_ids"]
 
 
 def test_bad_sampling_params():

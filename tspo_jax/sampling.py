@@ -151,7 +151,9 @@ class Sampler:
         # With a mesh, rows (and so the KV cache) are split over the batch axes (data, fsdp) and KV
         # heads over `tensor` where they divide: each device holds and decodes only its rows.
         self.mesh = mesh
-        self.row_multiple = 8 if mesh is None else max(8, _batch_devices(mesh))
+        # Row counts are bucketed to powers of two from here (1, 2, 4, ... alone; a multiple of the
+        # batch devices on a mesh), so a single request decodes one row, not a padded eight.
+        self.row_multiple = 1 if mesh is None else _batch_devices(mesh)
         # Embedding rows past the tokenizer's vocabulary (Qwen2.5 pads 151,665 to 151,936) are
         # never sampled.
         self.tokenizer_vocab = cfg.vocab_size if tokenizer_vocab is None else int(tokenizer_vocab)
