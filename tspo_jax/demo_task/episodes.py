@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from tspo_jax.demo_task import world
+from tspo_jax.retrieval import base as retrieval_base
 
 POLICY, OBSERVATION = "policy", "observation"
 # A short instruction in the tags' vocabulary (our wording); configs may use it as the prompt.
@@ -37,8 +38,8 @@ class DemonstrationUnavailable(LookupError):
 
 
 def format_docs(docs: Sequence[tuple[str, str]]) -> str:
-    """Search-R1's `_passages2string`: one "Doc {i}(Title: {title}) {text}\\n" per doc, i from 1."""
-    return "".join(f"Doc {i}(Title: {title}) {text}\n" for i, (title, text) in enumerate(docs, 1))
+    """Search-R1's `_passages2string` for (title, text) pairs: the rollout's own formatting."""
+    return retrieval_base.format_docs([retrieval_base.Doc("", title, text, 0.0) for title, text in docs])
 
 
 def format_observation(docs: Sequence[tuple[str, str]]) -> str:
