@@ -314,13 +314,19 @@ class Attention(nnx.Module):
         # is causal), which skips the upper triangle and keeps the fp32 scores small enough to stay
         # in cache. At most 16 chunks, so the unrolled graph stays small for long sequences.
         chunk = max(cfg.attention_chunk, -(-c // 16))
-        outs = []
-        for s in range(0, c, chunk):
-            e = min(s + chunk, c)
-            parts = [(k[:, :, :e], v[:, :, :e], block_mask[:, s:e, :e])]
-            if old is not None:
-                parts.insert(0, (old[0], old[1], old[2][:, s:e]))
-            outs.append(_attend(q[:, s:e], parts))
+        if c <= chunk:
+            parts = [(k, v, block_mask)] if old is None else [old, (k, v, block_mask)]
+            outs = [_attend(q, parts)]
+        elif old is None:
+            outs = []
+            for s in range(0, c, chunk):
+                e = min(s + chunk, c)
+                outs.append(_attend(q[:, s:e], [(k[:, :, :e], v[:, :, :e], block_mask[:, s:e, :e])]))
+        else:
+            # After a cached prefix the chunks' work is dominated by the prefix, which all share:
+            # a loop over equal chunks (compiled once) instead of an unrolled triangle keeps the
+            # many append shapes of a rollout cheap to compile.
+            outs = [_attend_in_chunks(q, old, (k, v, block_mask), chunk)]
         out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
         if cached is not None:
             # Write only after the reads. XLA orders an in-place update after the reads of the old
@@ -355,6 +361,29 @@ def _attend(q, parts):
         _weighted_values(p, values, by_reduction)
         for p, (_, values, _) in zip(jnp.split(probs, splits, axis=-1), parts)
     )
+
+
+def _attend_in_chunks(q, old, block, chunk: int):
+    """_attend(q, [old, block]) over query chunks of `chunk` positions in a lax.map."""
+    b, c = q.shape[:2]
+    n = -(-c // chunk)
+    pad = n * chunk - c
+    k, v, block_mask = block
+    old_mask = old[2]
+    if pad:  # padded queries see nothing; their outputs are dropped below
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+        block_mask = jnp.pad(block_mask, ((0, 0), (0, pad), (0, 0)))
+        old_mask = jnp.pad(old_mask, ((0, 0), (0, pad), (0, 0)))
+
+    def split(x):  # [B, n * chunk, ...] -> [n, B, chunk, ...]
+        return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    def one(xs):
+        q_c, old_m, block_m = xs
+        return _attend(q_c, [(old[0], old[1], old_m), (k, v, block_m)])
+
+    out = jax.lax.map(one, (split(q), split(old_mask), split(block_mask)))
+    return out.swapaxes(0, 1).reshape(b, n * chunk, *q.shape[2:])[:, :c]
 
 
 def _scores(q, keys, by_reduction: bool):
