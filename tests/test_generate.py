@@ -4,6 +4,7 @@ search episodes through a real index, the training-workdir path, and its error m
 import json
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -17,7 +18,7 @@ from tspo_jax import generate, rollout
 from tspo_jax.checkpointing import Checkpointer
 from tspo_jax.demo_task import demo_paths
 from tspo_jax.model import params as params_lib
-from tspo_jax.policy import params_of, save_policy_config
+from tspo_jax.policy import params_of, save_policy_config, save_run_config
 from tspo_jax.retrieval.build_index import build_index
 from tspo_jax.retrieval.local import LocalRetriever
 from tspo_jax.tokenizer import load_tokenizer
@@ -215,6 +216,27 @@ def test_training_workdir_restores_the_latest_params(hf_ckpt, tmp_path):
     opts = generate.GenerateOptions(greedy=True, max_new_tokens=NEW)
     (rec,) = generate.run(str(workdir), src, str(tmp_path / "out.jsonl"), opts)
     assert rec["token_ids"] == _hf_greedy(hf, policy.tokenizer.encode(PROMPT), policy.tokenizer.eos_id)[0]
+
+
+def test_questions_to_a_workdir_use_its_saved_prompt_template(hf_ckpt, index_dir, tmp_path):
+    ckpt, _ = hf_ckpt
+    model = params_lib.load_hf_checkpoint(ckpt)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    save_policy_config(str(workdir), model, ckpt)
+    template = "Find out with search. Q: {question}\n"
+    run_cfg = ml_collections.ConfigDict({"rollout": {"template": template, "use_chat_template": False}})
+    save_run_config(str(workdir), run_cfg)
+    checkpointer = Checkpointer(str(workdir / "checkpoints"))
+    p = params_of(model)
+    state = {"params": p, "opt_state": optax.adamw(1e-3).init(p), "step": jax.numpy.int32(1)}
+    checkpointer.save(1, state, {"data": {}}, force=True)
+    checkpointer.close()
+    src = _write_jsonl(tmp_path / "in.jsonl", [{"question": QUESTION}])
+    opts = generate.GenerateOptions(greedy=True, max_new_tokens=4, max_turns=0)
+    (ep,) = generate.run(str(workdir), src, str(tmp_path / "out.jsonl"), opts, retriever=index_dir)
+    tok = generate.load_policy(str(workdir)).tokenizer
+    assert ep["prompt_tokens"] == len(tok.encode(template.format(question=QUESTION)))
 
 
 @pytest.mark.parametrize(

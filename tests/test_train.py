@@ -95,7 +95,7 @@ def test_training_run_writes_metrics_checkpoints_plot_and_eval(index_dir, tmp_pa
     table = open(os.path.join(wd, "eval", "step_3.md")).read()
     assert "| demo_" in table and "**all**" in table
     assert all(np.isfinite(r["actor/grad_norm"]) and r["actor/grad_norm"] >= 0 for r in rows[1:])
-    saved = json.load(open(os.path.join(wd, "config.json")))
+    saved = json.load(open(os.path.join(wd, "run_config.json")))
     assert saved["rollout"]["template"] == trainer.config.rollout.template
     assert saved["total_steps"] == 3
 

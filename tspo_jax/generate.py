@@ -36,7 +36,7 @@ from tspo_jax import rollout, sampling
 from tspo_jax.checkpointing import Checkpointer
 from tspo_jax.model import params as params_lib
 from tspo_jax.model import qwen2
-from tspo_jax.policy import POLICY_CONFIG, abstract_policy, params_of
+from tspo_jax.policy import POLICY_CONFIG, abstract_policy, params_of, saved_rollout
 from tspo_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 log = logging.getLogger("tspo_jax.generate")
@@ -411,6 +411,11 @@ def run(
     t0 = time.perf_counter()
     policy = load_policy(checkpoint, tokenizer_dir=tokenizer_dir, dtype=dtype)
     log.info("loaded %s (%s) in %.1fs", checkpoint, policy.source, time.perf_counter() - t0)
+    saved = saved_rollout(os.path.expanduser(checkpoint)) if policy.source.startswith("workdir") else None
+    if template is None and saved and "template" in saved:
+        # Episodes are prompted the way the workdir's policy was trained.
+        options = dataclasses.replace(
+            options, template=saved["template"], chat_template=saved.get("use_chat_template", True))
     ret = None
     if needs_retriever:
         from tspo_jax.retrieval import make_retriever

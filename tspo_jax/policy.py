@@ -16,6 +16,25 @@ from tspo_jax.model import qwen2
 from tspo_jax.tokenizer import load_tokenizer
 
 POLICY_CONFIG = "policy_config.json"  # written into a workdir: how to rebuild its model
+# The whole run config, also in the workdir. Not config.json: a directory holding that is read as
+# an HF checkpoint.
+RUN_CONFIG = "run_config.json"
+
+
+def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, RUN_CONFIG), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+
+def saved_rollout(workdir: str) -> dict | None:
+    """The rollout settings (prompt template, chat template, ...) a workdir was trained with, or
+    None for a workdir written before they were saved."""
+    path = os.path.join(workdir, RUN_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("rollout")
 
 
 def model_overrides(cfg: ml_collections.ConfigDict) -> dict:

@@ -35,7 +35,7 @@ from tspo_jax import update as update_lib
 from tspo_jax import warmstart
 from tspo_jax.config_checks import validate_config
 from tspo_jax.metrics import MetricsWriter, plot_training, read_metrics
-from tspo_jax.policy import build_policy, params_of, save_policy_config
+from tspo_jax.policy import build_policy, params_of, save_policy_config, save_run_config
 from tspo_jax.retrieval import make_retriever
 
 log = logging.getLogger("tspo_jax.train")  # not __name__: it is __main__ under python -m
@@ -67,9 +67,7 @@ class Trainer:
         self.params = params_of(model)
         tokenizer_dir = config.model.tokenizer or config.model.checkpoint
         save_policy_config(self.workdir, model, tokenizer_dir)
-        if self.is_main:  # the whole run config (prompt template, rewards, ...), as verl keeps it
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
+        save_run_config(self.workdir, config)  # prompt template, rewards, ...: as verl keeps it
 
         self.retriever = make_retriever(warmstart.ensure_index(config.retriever, self.workdir),
                                         timeout_s=config.retriever.timeout_s, retries=config.retriever.retries)
