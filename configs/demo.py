@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"
     c.model.remat = False
+    c.model.attention_chunk = 64  # long blocks attend in query chunks of this many positions
 
     c.data = ml_collections.ConfigDict({"train": str(paths["train"]), "test": str(paths["test"])})
 

@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"  # CPUs have no fast bf16 matmul
     c.model.remat = False
+    c.model.attention_chunk = 64  # long blocks attend in query chunks of this many positions
 
     c.data.train = str(paths["train"])
     c.data.test = str(paths["test"])

@@ -149,6 +149,7 @@ def test_sigterm_saves_and_exits_cleanly(index_dir, tmp_path, monkeypatch):
         ({"reward.folr.scope": "everywhere"}, "scope"),
         ({"optim.schedule": "linear"}, "constant or cosine"),
         ({"mesh.shape": (3, 1, 1)}, "needs 3 devices"),
+        ({"model.attention_chunk": 0}, "attention_chunk"),
     ],
 )
 def test_bad_config_is_a_clear_error_before_compute(index_dir, override, message):

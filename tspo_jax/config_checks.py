@@ -83,6 +83,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         if value % batch_devices:
             raise ConfigError(f"{name}={value} must be a multiple of the data x fsdp devices "
                               f"({batch_devices}) the batch is split over")
+    chunk = c.model.get("attention_chunk", 1)
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ConfigError(f"model.attention_chunk={chunk!r} must be a positive int (query positions per "
+                          "attention chunk; 64 suits CPU)")
     if c.model.checkpoint and not os.path.isdir(os.path.expanduser(c.model.checkpoint)):
         raise ConfigError(f"model.checkpoint={c.model.checkpoint!r} is not a directory: give an HF checkpoint "
                           "directory, or '' to train a fresh model of shape model.arch")
