@@ -78,8 +78,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     batch_devices = jax.device_count() // (shape[2] if shape[2] != -1 else 1)
     if -1 not in shape[:2]:
         batch_devices = shape[0] * shape[1]
-    for name in ("micro_batch", "warmstart.batch_size"):
-        value = c.micro_batch if name == "micro_batch" else c.warmstart.batch_size
+    for name, value in (("micro_batch", c.micro_batch), ("warmstart.batch_size", c.warmstart.batch_size)):
         if value % batch_devices:
             raise ConfigError(f"{name}={value} must be a multiple of the data x fsdp devices "
                               f"({batch_devices}) the batch is split over")

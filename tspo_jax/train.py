@@ -123,7 +123,7 @@ class Trainer:
         def place(x):
             if isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == self.mesh:
                 return x
-            return jax.device_put(x, replicated)
+            return shd.put_global(x, replicated)
 
         return jax.tree.map(place, tree)
 
