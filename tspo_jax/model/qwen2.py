@@ -345,7 +345,7 @@ def _attend(q, parts):
     scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
     # A single query (a decode step) against the cache is a batch of matrix-vector products, which
     # XLA's CPU dot runs one small call per (row, KV head); a fused multiply-and-sum reads the cache
-    # once instead (1.8-3.5x faster per layer at 8-32 rows on CPU, even at one row). Accelerators
+    # once instead (1.8-3.5x faster per layer at 8-32 rows on CPU, about equal at one row). Accelerators
     # keep the dot.
     by_reduction = q.shape[1] == 1 and jax.default_backend() == "cpu"
     scores = [
