@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.retriever.mode = "scann"
     c.retriever.timeout_s = 30.0
     c.retriever.retries = 2
+    c.retriever.max_outage_s = 600.0  # wait out a retrieval server outage this long (backoff + jitter)
 
     c.rollout = ml_collections.ConfigDict(dict(
         max_turns=3, max_response_length=48, max_obs_length=160, max_prompt_length=256, max_context_length=0,

@@ -142,6 +142,7 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
     c.retriever.mode = "scann"
     c.retriever.timeout_s = 300.0  # one request carries up to 2,560 queries
     c.retriever.retries = 2
+    c.retriever.max_outage_s = 600.0  # wait out a retrieval server outage this long (backoff + jitter)
 
     c.rollout = ml_collections.ConfigDict(
         dict(

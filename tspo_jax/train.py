@@ -70,7 +70,8 @@ class Trainer:
         save_run_config(self.workdir, config)  # prompt template, rewards, ...: as verl keeps it
 
         self.retriever = make_retriever(warmstart.ensure_index(config.retriever, self.workdir),
-                                        timeout_s=config.retriever.timeout_s, retries=config.retriever.retries)
+                                        timeout_s=config.retriever.timeout_s, retries=config.retriever.retries,
+                                        max_outage_s=config.retriever.max_outage_s)
         self.rollout_cfg = rollout.RolloutConfig(**config.rollout.to_dict())
         self.sampler = sampling.Sampler(
             self.graphdef, self.model_cfg, eos_ids=[self.tokenizer.eos_id], pad_id=self.tokenizer.pad_id,
