@@ -7,6 +7,8 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -114,3 +116,40 @@ def test_metrics_keep_non_finite_values_and_truncate_on_resume(where, tmp_path, 
     assert json.loads(paths.resolve(w.path).read_text().splitlines()[1])["step"] == 2
     events = list((paths.resolve(workdir) / "tensorboard").iterdir())
     assert events and all(e.name.startswith("events.out.tfevents") for e in events)
+
+
+_ASYNC_SAVER = r"""
+import sys, time
+import jax.numpy as jnp, numpy as np
+from tspo_jax.checkpointing import Checkpointer
+directory = sys.argv[1]
+ckpt = Checkpointer(directory, keep=2, async_save=True)
+small = {"w": jnp.asarray(np.arange(1000, dtype=np.float32))}
+ckpt.save(1, small, {"step": 1})
+ckpt.wait_until_finished()
+big = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(64, 1024, 1024)).astype(np.float32))}  # 256 MB
+ckpt.save(2, big, {"step": 2})
+print("SAVING", flush=True)  # save() returned: the write goes on in the background
+time.sleep(120)
+"""
+
+
+def test_kill_during_an_async_save_leaves_the_previous_checkpoint_restorable(tmp_path):
+    directory = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", _ASYNC_SAVER, str(directory)], stdout=subprocess.PIPE,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "SAVING", line
+        in_flight = [p.name for p in directory.iterdir() if p.name.startswith("2")]
+        proc.kill()  # kill -9 while step 2 is being written
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert in_flight and all(name != "2" for name in in_flight), in_flight  # only a temporary dir was there
+    ckpt = Checkpointer(str(directory), keep=2)
+    step, state, meta = ckpt.restore_latest_intact({"w": jax.ShapeDtypeStruct((1000,), jnp.float32)})
+    assert (step, meta) == (1, {"step": 1})
+    np.testing.assert_array_equal(state["w"], np.arange(1000, dtype=np.float32))
+    ckpt.close()
