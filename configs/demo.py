@@ -61,7 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
     # A partial warm start on purpose (measured, held-out EM): 400 steps reach 0.90 and leave RL
     # little to do; 150 steps reach only 0.16, where 20 RL steps found too few right answers;
     # 250 steps reach 0.76, with mixed groups for GRPO and all-wrong ones for FOLR.
-    c.warmstart = ml_collections.ConfigDict(dict(steps=250, lr=3e-3, batch_size=16, seed=0, from_dir=""))
+    # Demonstrations come from the task's own scripted episodes ("module:function").
+    c.warmstart = ml_collections.ConfigDict(dict(steps=250, lr=3e-3, batch_size=16, seed=0, from_dir="",
+                                                 demonstrations="tspo_jax.demo_task:demonstrations"))
 
     c.reward = rewards.default_config()
     c.reward.num_turns = c.rollout.max_turns + 1

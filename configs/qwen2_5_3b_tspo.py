@@ -165,7 +165,8 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
         )
     )
 
-    c.warmstart = ml_collections.ConfigDict(dict(steps=0, lr=1e-5, batch_size=16, seed=0, from_dir=""))
+    c.warmstart = ml_collections.ConfigDict(dict(steps=0, lr=1e-5, batch_size=16, seed=0, from_dir="",
+                                                 demonstrations=""))
 
     c.reward = rewards.default_config()  # EM, FOLR alpha 0.5 (TSPO.md)
     c.reward.num_turns = c.rollout.max_turns + 1

@@ -194,7 +194,7 @@ def run_config(bc: configs.BenchConfig, args, dtype: str, limits: costs.Limits, 
 def main(argv=None) -> dict:
     import torch
 
-    threads = configs._default_threads()
+    threads = configs.default_threads()
     try:
         return _main(parse_args(argv), argv)
     finally:

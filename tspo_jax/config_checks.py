@@ -28,7 +28,10 @@ def _positive(c, *names):
             raise ConfigError(f"config.{n}={v!r} must be a positive integer")
 
 
-def validate_config(c: ml_collections.ConfigDict) -> None:
+def validate_config(c: ml_collections.ConfigDict, *, check_files: bool = True, device_count: int | None = None) -> None:
+    """Raises ConfigError naming the first bad key. `check_files=False` (the abstract planner)
+    skips the existence of data and corpus files; `device_count` replaces the visible devices'
+    count (a mesh for a topology this host does not have)."""
     missing = [s for s in REQUIRED_SECTIONS if s not in c]
     if missing:
         raise ConfigError(f"config lacks the section(s) {missing}; start from configs/demo.py")
@@ -41,11 +44,11 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"prompts_per_step * group_size = {rows} trajectories must be a multiple of "
                           f"mini_batch={c.mini_batch}")
     for name, path in (("data.train", c.data.train), ("data.test", c.data.test)):
-        if path and not os.path.exists(os.path.expanduser(path)):
+        if check_files and path and not os.path.exists(os.path.expanduser(path)):
             raise ConfigError(f"{name}={path!r} does not exist: point it at a Search-R1 parquet or JSONL file")
     if not c.data.train:
         raise ConfigError("data.train is empty: point it at a Search-R1 parquet or JSONL file")
-    if c.retriever.corpus and not c.retriever.spec and not os.path.exists(os.path.expanduser(c.retriever.corpus)):
+    if check_files and c.retriever.corpus and not c.retriever.spec and not os.path.exists(os.path.expanduser(c.retriever.corpus)):
         raise ConfigError(f"retriever.corpus={c.retriever.corpus!r} does not exist")
     if c.retriever.mode not in ("scann", "exact", "auto"):
         raise ConfigError(f"retriever.mode={c.retriever.mode!r}: choose scann, exact or auto")
@@ -57,6 +60,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.rollout: {e}") from None
     if c.reward.num_turns < rcfg.max_turns + 1:
         raise ConfigError(f"reward.num_turns={c.reward.num_turns} must be >= rollout.max_turns + 1 = {rcfg.max_turns + 1}")
+    if c.warmstart.steps and ":" not in c.warmstart.get("demonstrations", ""):
+        raise ConfigError(f"warmstart.steps={c.warmstart.steps} needs warmstart.demonstrations, the function that "
+                          "scripts a demonstration ('package.module:function', e.g. "
+                          "'tspo_jax.demo_task:demonstrations'), or warmstart.steps=0")
     for mod, section in ((rewards, "reward"), (advantages, "advantage"), (losses, "loss")):
         try:
             mod.validate_config(c[section])
@@ -66,16 +73,17 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"optim.schedule={c.optim.schedule!r}: choose constant or cosine")
     if not c.optim.lr > 0:
         raise ConfigError(f"optim.lr={c.optim.lr} must be > 0")
+    devices = jax.device_count() if device_count is None else device_count
     shape = tuple(c.mesh.shape)
     if len(shape) != 3:
         raise ConfigError(f"mesh.shape={shape} must have 3 entries (data, fsdp, tensor)")
     n = 1
     for s in shape:
         n *= s if s != -1 else 1
-    if -1 not in shape and n != jax.device_count():
-        raise ConfigError(f"mesh.shape={shape} needs {n} devices but {jax.device_count()} are visible; "
+    if -1 not in shape and n != devices:
+        raise ConfigError(f"mesh.shape={shape} needs {n} devices but {devices} are visible; "
                           "use -1 for one axis")
-    batch_devices = jax.device_count() // (shape[2] if shape[2] != -1 else 1)
+    batch_devices = devices // (shape[2] if shape[2] != -1 else 1)
     if -1 not in shape[:2]:
         batch_devices = shape[0] * shape[1]
     for name, value in (("micro_batch", c.micro_batch), ("warmstart.batch_size", c.warmstart.batch_size)):
@@ -86,6 +94,6 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise ConfigError(f"model.attention_chunk={chunk!r} must be a positive int (query positions per "
                           "attention chunk; 64 suits CPU)")
-    if c.model.checkpoint and not os.path.isdir(os.path.expanduser(c.model.checkpoint)):
+    if check_files and c.model.checkpoint and not os.path.isdir(os.path.expanduser(c.model.checkpoint)):
         raise ConfigError(f"model.checkpoint={c.model.checkpoint!r} is not a directory: give an HF checkpoint "
                           "directory, or '' to train a fresh model of shape model.arch")

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from tspo_jax import sampling
-from tspo_jax.retrieval.base import Doc, Retriever, RetrieverError, format_docs
+from tspo_jax.retrieval.base import OBSERVATION_HEAD, OBSERVATION_TAIL, Doc, Retriever, RetrieverError, format_docs
 from tspo_jax.sharding import to_host
 
 log = logging.getLogger(__name__)
@@ -84,10 +84,15 @@ class RolloutConfig:
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, greedy=self.greedy
         )
 
+    @property
+    def num_turns(self) -> int:
+        """Policy turns an episode may take: max_turns that may search, then one last turn."""
+        return self.max_turns + 1
+
     def context_length(self, prompt_len: int) -> int:
         if self.max_context_length:
             return self.max_context_length
-        turns = self.max_turns + 1
+        turns = self.num_turns
         obs_width = sampling.bucket(max(self.max_obs_length, len(INVALID_ACTION_MESSAGE)), 16)
         return prompt_len + turns * self.max_response_length + self.max_turns * obs_width
 
@@ -175,8 +180,8 @@ def observation_ids(tokenizer, docs_text: str, max_obs_length: int) -> list[int]
 
     The tags are tokenized apart from the docs so that truncating to `max_obs_length` cuts the
     docs, never the closing tag (Search-R1 cuts the whole string; keeping the tag is our choice)."""
-    head = tokenizer.encode("\n\n<information>")
-    tail = tokenizer.encode("</information>\n\n")
+    head = tokenizer.encode(OBSERVATION_HEAD)
+    tail = tokenizer.encode(OBSERVATION_TAIL)
     body = tokenizer.encode(docs_text.strip())
     room = max(max_obs_length - len(head) - len(tail), 0)
     return head + body[:room] + tail

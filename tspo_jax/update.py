@@ -23,7 +23,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tspo_jax import losses
 from tspo_jax import sharding as shd
-from tspo_jax.model.qwen2 import Qwen2Config
 from tspo_jax.sampling import bucket
 
 
@@ -79,7 +78,6 @@ def _shift(x):
 @dataclasses.dataclass
 class PolicyUpdater:
     graphdef: nnx.GraphDef
-    model_cfg: Qwen2Config
     loss_cfg: ml_collections.ConfigDict
     tx: optax.GradientTransformation
     mesh: Mesh

@@ -274,7 +274,7 @@ def torch_model(source, dtype: str):
 _DEFAULT_THREADS: list[int] = []
 
 
-def _default_threads() -> int:
+def default_threads() -> int:
     """PyTorch's own thread count, as first seen (a calibration may have changed it since)."""
     import torch
 
@@ -297,7 +297,7 @@ def calibrate_torch_threads(model, train: bool = False, reps: int = 2) -> dict:
 
     if model.device.type != "cpu":
         return {"threads": None, "note": "not on a CPU"}
-    default = _default_threads()
+    default = default_threads()
     ids = torch.ones((1, 64 if train else 32), dtype=torch.long)
 
     def probe():

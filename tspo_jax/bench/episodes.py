@@ -17,7 +17,8 @@ import time
 import numpy as np
 from flax import nnx
 
-from tspo_jax import rollout, sampling
+from tspo_jax import rollout
+from tspo_jax.runtime import make_sampler
 from tspo_jax.bench import costs, scripted, searchr1, timing
 from tspo_jax.bench.configs import BenchmarkError, EpisodeSpec
 
@@ -150,11 +151,8 @@ def _check_same(ours, reprefill, sr1, script: scripted.Script, spec: EpisodeSpec
 
 def measure(jmodel, tmodel, tokenizer, retriever, script: scripted.Script, spec: EpisodeSpec, *,
             reps: int, limits: costs.Limits, profile_dir: str | None = None) -> dict:
-    graphdef, state = nnx.split(jmodel)
-    sampler = sampling.Sampler(
-        graphdef, jmodel.cfg, eos_ids=[tokenizer.eos_id], pad_id=tokenizer.pad_id,
-        stop_strings=rollout.STOP_STRINGS, token_bytes=tokenizer.token_bytes,
-    )
+    graphdef, params = nnx.split(jmodel)
+    sampler = make_sampler(graphdef, jmodel.cfg, tokenizer)
     questions = [scripted.QUESTIONS[i % len(scripted.QUESTIONS)] for i in range(spec.rows)]
     prompts = [list(script.prompts[i % len(script.prompts)]) for i in range(spec.rows)]
     runners = {m: rollout.EpisodeRunner(sampler, tokenizer, retriever, rollout_config(spec, m))
@@ -164,8 +162,7 @@ def measure(jmodel, tmodel, tokenizer, retriever, script: scripted.Script, spec:
 
     def ours(method):
         def run():
-            eps = runners[method].run(state, questions, n=1)
-            last[method] = eps
+            last[method] = runners[method].run(params, questions, n=1)
             return {"retrieval": runners[method].timing.get("retrieval", 0.0)}
         return run
 
