@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 from flax import nnx
-from safetensors import safe_open
+
+from tspo_jax.model.params import SafetensorsFile
 
 _ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # HF "gelu" is the exact erf form
@@ -219,8 +220,9 @@ def _hf_name(path: tuple) -> tuple[str, bool]:
     return f"encoder.layer.{layer}.{module}.{leaf}", path[-1] == "kernel"
 
 
-class _SafetensorsDir:
-    """Key -> tensor lookup over every *.safetensors file of a checkpoint directory."""
+class _BertTensors:
+    """Key -> tensor lookup over every *.safetensors file of a BERT checkpoint directory (read by
+    the policy's own safetensors reader), with the "bert." prefix and gamma/beta names resolved."""
 
     def __init__(self, path: str):
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -231,8 +233,8 @@ class _SafetensorsDir:
             )
         self._where = {}
         for f in files:
-            with safe_open(f, "np") as fh:
-                self._where.update({k: f for k in fh.keys()})
+            fh = SafetensorsFile(f)
+            self._where.update({k: fh for k in fh.keys()})
         anchor = "embeddings.word_embeddings.weight"
         hits = [k for k in self._where if k.endswith(anchor)]
         if not hits:
@@ -243,8 +245,7 @@ class _SafetensorsDir:
         for candidate in (name, name.replace(".weight", ".gamma"), name.replace(".bias", ".beta")):
             key = self.prefix + candidate
             if key in self._where:
-                with safe_open(self._where[key], "np") as fh:
-                    return fh.get_tensor(key)
+                return self._where[key].get(key)
         raise ValueError(
             f"Checkpoint is missing tensor {self.prefix + name!r}; is it a BertModel checkpoint?"
         )
@@ -252,7 +253,7 @@ class _SafetensorsDir:
 
 def load_params(model: BertEncoder, path: str) -> BertEncoder:
     """Returns `model` (possibly abstract, from nnx.eval_shape) with weights from `path`'s safetensors."""
-    tensors = _SafetensorsDir(path)
+    tensors = _BertTensors(path)
     graphdef, state = nnx.split(model)
     for param_path, variable in nnx.to_flat_state(state):
         name, transpose = _hf_name(param_path)
@@ -265,7 +266,7 @@ def load_params(model: BertEncoder, path: str) -> BertEncoder:
     return nnx.merge(graphdef, state)
 
 
-def load_tokenizer(path: str, max_length: int) -> tokenizers.Tokenizer:
+def load_encoder_tokenizer(path: str, max_length: int) -> tokenizers.Tokenizer:
     """tokenizer.json with truncation to `max_length` and no built-in padding (encode buckets itself)."""
     file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):
@@ -295,7 +296,7 @@ def load_encoder(
         overrides["max_length"] = max_length
     cfg = EncoderConfig.from_hf_config(hf, **overrides)
     abstract = nnx.eval_shape(lambda: BertEncoder(cfg, rngs=nnx.Rngs(0)))  # no random init of big tables
-    return load_params(abstract, path), load_tokenizer(path, cfg.max_length), cfg
+    return load_params(abstract, path), load_encoder_tokenizer(path, cfg.max_length), cfg
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -354,7 +355,7 @@ def encode(
     if too_long > cfg.max_length:
         raise ValueError(
             f"Tokenizer produced {too_long} tokens > max_length {cfg.max_length}; load it with "
-            "load_tokenizer(path, max_length) so it truncates."
+            "load_encoder_tokenizer(path, max_length) so it truncates."
         )
     order = np.argsort([len(t) for t in token_ids], kind="stable")
     graphdef, state = nnx.split(encoder)
