@@ -115,16 +115,17 @@ class GenerateOptions:
     top_k: int = 0
     seed: int = 0
     batch_size: int = 8
-    topk: int = 3  # documents per search
+    docs_per_search: int = 3  # documents per search (the --topk flag)
     max_turns: int = 4
     max_obs_length: int = 500
     template: str | None = None  # episode prompt template (contains {question}); None: the default
     chat_template: bool = True  # wrap episode prompts in the tokenizer's chat template
 
     def __post_init__(self):
-        for name in ("max_new_tokens", "batch_size", "topk", "max_obs_length"):
+        for name, flag in (("max_new_tokens", "max_new_tokens"), ("batch_size", "batch_size"),
+                           ("docs_per_search", "topk"), ("max_obs_length", "max_obs_length")):
             if getattr(self, name) < 1:
-                raise GenerateError(f"--{name} must be at least 1, got {getattr(self, name)}")
+                raise GenerateError(f"--{flag} must be at least 1, got {getattr(self, name)}")
         if self.max_turns < 0:
             raise GenerateError(f"--max_turns must be >= 0, got {self.max_turns}")
         try:
@@ -144,7 +145,7 @@ class GenerateOptions:
             max_turns=self.max_turns,
             max_response_length=self.max_new_tokens,
             max_obs_length=self.max_obs_length,
-            topk=self.topk,
+            docs_per_search=self.docs_per_search,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
@@ -247,7 +248,7 @@ def generate_records(
                 policy.params,
                 [prompts[r.line] for r in chunk],
                 max_new_tokens=options.max_new_tokens,
-                params=options.sampling_params,
+                sampling=options.sampling_params,
                 rng=jax.random.fold_in(key, b),
             )
             for r, res in zip(chunk, results):
@@ -262,13 +263,13 @@ def generate_records(
         runner = rollout.EpisodeRunner(smp, tok, retriever, rollout_cfg)
         episode_key = jax.random.fold_in(key, 1 << 20)  # apart from the text batches' keys
         for b, chunk in _chunks(questions, options.batch_size):
-            eps = runner.run(
+            episodes = runner.run(
                 policy.params,
                 [r.value for r in chunk],
                 [str(r.line) for r in chunk],
                 rng=jax.random.fold_in(episode_key, b),
             )
-            for r, ep in zip(chunk, eps):
+            for r, ep in zip(chunk, episodes):
                 records[r.line] = _episode_record(ep)
 
     out = []
@@ -363,7 +364,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("seed", d.seed, "sampling seed", flag_values=fv)
     flags.DEFINE_integer("batch_size", d.batch_size, "requests decoded together", flag_values=fv)
     flags.DEFINE_string("retriever", None, "index dir or http(s) URL, for question lines", flag_values=fv)
-    flags.DEFINE_integer("topk", d.topk, "documents per search", flag_values=fv)
+    flags.DEFINE_integer("topk", d.docs_per_search, "documents per search", flag_values=fv)
     flags.DEFINE_integer(
         "max_turns", d.max_turns, "turns that may search (then one final turn)", flag_values=fv
     )
@@ -388,7 +389,7 @@ def run_from_flags(fv: flags.FlagValues) -> list[dict]:
         top_k=fv.top_k,
         seed=fv.seed,
         batch_size=fv.batch_size,
-        topk=fv.topk,
+        docs_per_search=fv.topk,
         max_turns=fv.max_turns,
         max_obs_length=fv.max_obs_length,
         template=fv.template,

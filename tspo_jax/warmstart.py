@@ -60,7 +60,7 @@ def load_builder(name: str):
 def demonstration_episodes(examples, tokenizer, retriever, rollout_cfg: rollout.RolloutConfig,
                            builder) -> list[Demonstration]:
     def search_fn(query):
-        return [(d.title, d.text) for d in retriever.search([query], rollout_cfg.topk)[0]]
+        return [(d.title, d.text) for d in retriever.search([query], rollout_cfg.docs_per_search)[0]]
 
     out, skipped = [], 0
     for ex in examples:

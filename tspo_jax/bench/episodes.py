@@ -69,7 +69,7 @@ def rollout_config(spec: EpisodeSpec, resume: str) -> rollout.RolloutConfig:
         max_turns=spec.max_turns,
         max_response_length=spec.max_response_length,
         max_obs_length=spec.max_obs_length,
-        topk=spec.topk,
+        docs_per_search=spec.docs_per_search,
         greedy=True,
         resume=resume,
         template="{question}",
@@ -126,15 +126,15 @@ def method_limits(cfg, episodes: list[rollout.Episode], max_response_length: int
 def synthetic_episodes(rows: int, prompt_len: int, turn_len: int, obs_len: int, searches: int) -> list[rollout.Episode]:
     """Episodes of the scripted shape (searches x (turn + observation), then one last turn), for
     projecting `method_limits` onto a model too slow to run them here."""
-    eps = []
+    episodes = []
     for r in range(rows):
         pos, turns = prompt_len, []
         for k in range(searches + 1):
             obs = (pos + turn_len, pos + turn_len + obs_len) if k < searches else None
             turns.append(rollout.Turn("search", (pos, pos + turn_len), obs, "", None))
             pos = obs[1] if obs else pos + turn_len
-        eps.append(rollout.Episode(str(r), prompt_len, [0] * pos, [], [], [], turns, None, ""))
-    return eps
+        episodes.append(rollout.Episode(str(r), prompt_len, [0] * pos, [], [], [], turns, None, ""))
+    return episodes
 
 
 def _check_same(ours, reprefill, sr1, script: scripted.Script, spec: EpisodeSpec):
@@ -175,18 +175,18 @@ def measure(jmodel, tmodel, tokenizer, retriever, script: scripted.Script, spec:
     samples = timing.interleaved(contenders, reps)
     _check_same(last["cache"], last["reprefill"], last["searchr1"], script, spec)
 
-    eps = last["cache"]
-    policy_tokens = sum(sum(e.loss_mask) for e in eps)
-    own_limits = method_limits(jmodel.cfg, eps, spec.max_response_length, limits)
+    episodes = last["cache"]
+    policy_tokens = sum(sum(e.loss_mask) for e in episodes)
+    own_limits = method_limits(jmodel.cfg, episodes, spec.max_response_length, limits)
     limit = own_limits["interrupt_resume"]
     out = {
         "rows": spec.rows,
-        "turns": spec.max_turns + 1,
+        "turns": rollout_config(spec, "cache").num_turns,
         "searches_per_episode": spec.max_turns,
-        "topk": spec.topk,
+        "topk": spec.docs_per_search,  # the results files keep their key
         "policy_tokens_per_turn": len(script.turn_ids),
-        "observation_tokens": [s[1] - s[0] for s in (t.obs_span for t in eps[0].turns) if s],
-        "episode_tokens": [len(e.tokens) for e in eps],
+        "observation_tokens": [s[1] - s[0] for s in (t.obs_span for t in episodes[0].turns) if s],
+        "episode_tokens": [len(e.tokens) for e in episodes],
         "max_response_length": spec.max_response_length,
         "limit_s": limit,
         "searchr1_generated_tokens": sr1_stats["generated_tokens"],
