@@ -83,3 +83,23 @@ def test_evaluate_a_given_step_leaves_the_workdir_alone(trained):
     assert (open(run_config).read(), os.path.getmtime(run_config)) == before
     with pytest.raises(FileNotFoundError, match="no step 7"):
         evaluate.evaluate(config, wd, step=7)
+
+
+def test_abstract_plans_a_7b_shape_with_no_checkpoint_here(index_dir):  # noqa: F811
+    from tspo_jax.model import qwen2
+
+    ref = qwen2.preset("qwen2.5-7b")
+    config = tiny_config(index_dir, **{"mesh.shape": (1, 8, 1), "model.checkpoint": "/not/on/this/machine"})
+    config.unlock()
+    for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size"):
+        config.model.arch[k] = getattr(ref, k)
+    config.model.arch.tie_word_embeddings = False
+    rt = Runtime.abstract(config)
+    leaves = jax.tree.leaves(rt.params)
+    assert sum(np.prod(x.shape) for x in leaves) == ref.num_params()
+    opt = jax.tree.leaves(rt.abstract_opt_state())
+    # Adam's mu and nu: twice the params, split over fsdp like them; the step counts are replicated.
+    assert sum(np.prod(x.shape) for x in opt if x.ndim) == 2 * ref.num_params()
+    assert all(x.sharding.is_fully_replicated for x in opt if not x.ndim)
+    big = [x for x in opt if x.size > 1e6]
+    assert big and all(not x.sharding.is_fully_replicated for x in big)

@@ -336,14 +336,15 @@ def _abstract_policy_from_config(cfg: ml_collections.ConfigDict, mesh: Mesh):
     checkpoint or, failing both, the tokenizer directory."""
     tok_dir = cfg.tokenizer or cfg.checkpoint
     tokenizer = load_tokenizer(tok_dir) if tok_dir and os.path.isfile(os.path.join(tok_dir, "tokenizer.json")) else None
-    if cfg.checkpoint:
-        model_cfg = qwen2.Qwen2Config.from_hf_config(cfg.checkpoint, **model_overrides(cfg))
-    else:
+    hf_config = os.path.join(os.path.expanduser(cfg.checkpoint), "config.json") if cfg.checkpoint else ""
+    if hf_config and os.path.isfile(hf_config):
+        model_cfg = qwen2.Qwen2Config.from_hf_config(hf_config, **model_overrides(cfg))
+    else:  # no checkpoint, or one not on this machine: the shape model.arch states
         arch = dict(cfg.arch.to_dict()) if hasattr(cfg.arch, "to_dict") else dict(cfg.arch)
         if "vocab_size" not in arch:
             if tokenizer is None:
-                raise ValueError("abstract mode needs model.arch.vocab_size, model.checkpoint or a tokenizer "
-                                 "directory to know the vocabulary size")
+                raise ValueError("abstract mode needs the vocabulary size: set model.arch.vocab_size, or make "
+                                 "model.checkpoint's config.json or model.tokenizer readable here")
             arch["vocab_size"] = tokenizer.vocab_size
         eos = tokenizer.eos_id if tokenizer is not None else arch.pop("eos_token_id", 0)
         model_cfg = qwen2.Qwen2Config(eos_token_id=eos, **arch, **model_overrides(cfg))

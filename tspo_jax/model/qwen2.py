@@ -529,7 +529,7 @@ def abstract_model(cfg: Qwen2Config) -> Qwen2:
     return nnx.eval_shape(lambda: Qwen2(cfg, nnx.Rngs(params=0)))
 
 
-def apply(graphdef: nnx.GraphDef, state: nnx.State, *args, **kwargs):
-    """Functional call for jitted code: the model is rebuilt from (graphdef, state) inside the trace,
-    so the state can be a traced, sharded, donated argument."""
-    return nnx.merge(graphdef, state)(*args, **kwargs)
+def apply(graphdef: nnx.GraphDef, params: nnx.State, *args, **kwargs):
+    """Functional call for jitted code: the model is rebuilt from (graphdef, params) inside the trace,
+    so the params can be a traced, sharded, donated argument."""
+    return nnx.merge(graphdef, params)(*args, **kwargs)
