@@ -268,7 +268,7 @@ class Runtime:
             tok_dir, source = tokenizer_dir or saved_tok_dir, f"workdir@{restored_step}"
             if not os.path.isdir(tok_dir):
                 raise FileNotFoundError(f"{path}/{POLICY_CONFIG} names the tokenizer directory {tok_dir}, "
-                                        "which does not exist: pass the tokenizer directory explicitly")
+                                        "which does not exist: pass the tokenizer directory (generate: --tokenizer=DIR)")
         else:
             raise FileNotFoundError(
                 f"{checkpoint_or_workdir!r} is neither an HF checkpoint (no config.json) nor a tspo_jax "
@@ -276,7 +276,7 @@ class Runtime:
         tokenizer = load_tokenizer(tok_dir)
         if tokenizer.vocab_size > model_cfg.vocab_size:
             raise ValueError(f"the tokenizer in {tok_dir} has {tokenizer.vocab_size} tokens but the model embeds "
-                             f"only {model_cfg.vocab_size}: pass the checkpoint's own tokenizer")
+                             f"only {model_cfg.vocab_size}: pass the checkpoint's own tokenizer (generate: --tokenizer=DIR)")
         eos_ids = eos_ids_for(model_cfg, tokenizer, path, tok_dir)
         sampler = make_sampler(graphdef, model_cfg, tokenizer, eos_ids=list(eos_ids), mesh=mesh)
         rt = cls(config=config, workdir=path, mesh=mesh, model_cfg=model_cfg, graphdef=graphdef, params=params,
