@@ -24,6 +24,7 @@ from tspo_jax import paths
 
 log = logging.getLogger(__name__)
 
+CHECKPOINTS = "checkpoints"  # the step series inside a training workdir
 CORRUPT_PREFIX = "corrupt."  # unreadable steps are renamed to this (not a step name Orbax reads)
 
 
@@ -127,9 +128,51 @@ class Checkpointer:
         self.manager.reload()
         return f"{self.directory}/{CORRUPT_PREFIX}{step}"
 
+    def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
+        """Only the params of a step (latest by default), into `abstract_params`' shardings; the
+        optimizer state stays on disk (a partial restore: inference and evaluation need no more)."""
+        self.manager.wait_until_finished()
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory} holds no finished checkpoint step: train first")
+        if step not in self.manager.all_steps():
+            raise FileNotFoundError(f"{self.directory} has no step {step}; it holds {self.all_steps()}")
+        target = {"params": abstract_params}
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+        except Exception as e:  # noqa: BLE001 - see restore()
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} is unreadable ({restore_error_reason(e)})") from e
+        return restored["state"]["params"], step
+
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
+    """The params of a training workdir's checkpoint step (latest by default) and that step."""
+    directory = paths.resolve(workdir) / CHECKPOINTS
+    if not directory.is_dir():
+        raise FileNotFoundError(f"training workdir {workdir} has no {CHECKPOINTS}/ directory yet: train first")
+    checkpointer = Checkpointer(str(directory))
+    try:
+        return checkpointer.restore_params(abstract_params, step)
+    finally:
+        checkpointer.close()
+
+
+def save_tree(path: str, tree: Any) -> None:
+    """A single pytree (e.g. warm-started params) in its own directory, outside any step series."""
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(str(paths.resolve(path)), tree)
+    ckptr.wait_until_finished()
+
+
+def restore_tree(path: str, abstract_tree: Any) -> Any:
+    """What `save_tree` wrote, into `abstract_tree`'s structure, dtypes and shardings."""
+    return ocp.StandardCheckpointer().restore(str(paths.resolve(path)), abstract_tree)
 
 
 def abstract_like(tree: Any) -> Any:
