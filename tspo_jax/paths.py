@@ -26,6 +26,23 @@ def resolve(path) -> epath.Path:
     return epath.Path(os.path.abspath(os.path.expanduser(path)))
 
 
+def local_cache_dir() -> str:
+    """$TSPO_JAX_CACHE, else ~/.cache/tspo_jax: where host-local artefacts (indexes) are kept."""
+    return os.path.expanduser(os.environ.get("TSPO_JAX_CACHE") or "~/.cache/tspo_jax")
+
+
+def stable_hash(*parts) -> str:
+    import hashlib
+
+    return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def read_json(path):
+    import json
+
+    return json.loads(epath.Path(path).read_text())
+
+
 def write_text(path, text: str) -> None:
     """Whole-file write that a kill cannot leave half-written: a local file is written beside and
     renamed over; an object store replaces an object atomically. Remote stores have no append,
