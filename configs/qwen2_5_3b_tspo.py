@@ -101,7 +101,9 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
     c.prompts_per_step = 512  # data.train_batch_size
     c.group_size = 5  # n rollouts per prompt (rollout.n_agent)
     c.mini_batch = 256  # trajectories per optimizer step: 2560 / 256 = 10 updates per step
-    # Rows per gradient-accumulation slice: memory only, the update is the same for any value.
+    # Rows per gradient-accumulation slice: memory only. Every loss aggregation divides by the
+    # mini-batch's counts (verl's agg_loss), so the update is the same for any value (up to float
+    # rounding; tests/test_update.py checks micro_batch m, m/2, m/4).
     c.micro_batch = micro_batch
     c.ppo_epochs = 1
     # The sampler (KV-cache decode) and the trainer (full forward) round differently in bf16, so
@@ -180,6 +182,8 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
         dict(
             lr=1e-6,
             schedule="constant",
+            # int(0.285 * 1005) = 286 warm-up *training steps*: the rate is set once per step
+            # and shared by its 10 updates, as Search-R1's scheduler steps once per step.
             warmup_ratio=0.285,
             warmup_steps=None,
             weight_decay=0.01,

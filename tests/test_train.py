@@ -177,3 +177,41 @@ def test_unknown_config_key_on_the_command_line_is_refused(tmp_path):
     )
     assert out.returncode != 0
     assert "totl_steps" in out.stderr
+
+
+def test_learning_rate_is_stepped_per_training_step_not_per_update(index_dir, tmp_path):
+    """Finding 1: with mini_batch < batch every update of training step t applies schedule(t - 1)
+    (Search-R1 steps its scheduler once per training step), and actor/lr logs that rate."""
+    import optax
+
+    config = tiny_config(index_dir, **{"eval.every": 0, "prompts_per_step": 4, "mini_batch": 8,
+                                       "optim.warmup_steps": 3, "total_steps": 3})
+    trainer = Trainer(config, str(tmp_path / "lr"))
+    applied = []
+    original = trainer.updater.update
+
+    def recording_update(params, opt_state, batch, lr=None):
+        out = original(params, opt_state, batch, lr=lr)
+        applied.append((trainer_step[0], float(optax.tree_utils.tree_get(out[1], "learning_rate"))))
+        return out
+
+    trainer.updater.update = recording_update
+    trainer_step = [0]
+    step = trainer.step
+
+    def counting_step(s):
+        trainer_step[0] = s
+        return step(s)
+
+    trainer.step = counting_step
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    assert [s for s, _ in applied] == [1, 1, 2, 2, 3, 3]  # 16 rows / mini-batch 8: two updates per step
+    expect = {s: float(np.float32(trainer.schedule(s - 1))) for s in (1, 2, 3)}
+    assert expect[1] == 0.0 and 0 < expect[2] < expect[3] < config.optim.lr
+    for s, lr in applied:
+        assert lr == expect[s], (s, lr, expect[s])
+    rows = read_metrics(os.path.join(str(tmp_path / "lr"), "metrics.jsonl"))
+    assert [r["actor/lr"] for r in rows] == [expect[1], expect[2], expect[3]]

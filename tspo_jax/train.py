@@ -179,7 +179,9 @@ class Trainer:
             for s in range(0, num_rows, cfg.mini_batch):
                 idx = perm[s : s + cfg.mini_batch]
                 mb = self.updater.shard({k: packed[k][idx] for k in keys})
-                self.params, self.opt_state, m = self.updater.update(self.params, self.opt_state, mb)
+                # One rate per training step (Search-R1 steps its scheduler per step; step 1 uses schedule(0)).
+                self.params, self.opt_state, m = self.updater.update(self.params, self.opt_state, mb,
+                                                                     lr=self.schedule(step - 1))
                 update_metrics.append(m)
         jax.block_until_ready(self.params)
         timing["timing_s/update_actor"] = time.perf_counter() - t0
@@ -198,7 +200,6 @@ class Trainer:
             "env/turns/mean": float(np.mean([e.num_turns for e in episodes])),
             "env/searches/mean": float(np.mean([sum(t.action == "search" for t in e.turns) for e in episodes])),
             "env/answered_frac": float(np.mean([e.stop_reason == "answer" for e in episodes])),
-            "actor/lr": float(self.schedule(step)),
             "perf/total_num_tokens": n_tokens,
             "perf/throughput": n_tokens / timing["timing_s/step"] / jax.device_count(),
             "perf/compiles": sum(self.sampler.compile_counts.values()),

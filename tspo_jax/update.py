@@ -54,8 +54,15 @@ def pack_episodes(episodes: Sequence, width: int | None = None, rows: int | None
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with warm-up then constant or cosine, after clipping by global norm."""
-    warmup = int(round(cfg.warmup_ratio * total_steps)) if cfg.get("warmup_steps") is None else cfg.warmup_steps
+    """AdamW after clipping by global norm, and its schedule (warm-up, then constant or cosine).
+
+    The schedule is indexed by *training step*, not by optimizer update: Search-R1 (verl) steps its
+    LR scheduler once per training step, so every mini-batch update of one step uses one rate.
+    The rate is therefore a hyperparameter in the optimizer state (optax.inject_hyperparams) that
+    the caller sets on each update (`PolicyUpdater.update(..., lr=schedule(step))`); it starts at
+    the peak `cfg.lr` for callers that never set it."""
+    # int(), not round(): verl computes int(lr_warmup_steps_ratio * total_steps).
+    warmup = int(cfg.warmup_ratio * total_steps) if cfg.get("warmup_steps") is None else cfg.warmup_steps
     if cfg.schedule == "constant":
         schedule = optax.join_schedules(
             [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)], [warmup]
@@ -66,9 +73,14 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[op
         raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+        optax.inject_hyperparams(optax.adamw)(
+            learning_rate=cfg.lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
     )
     return tx, schedule
+
+
+def _has_learning_rate(opt_state) -> bool:
+    return optax.tree_utils.tree_get(opt_state, "learning_rate") is not None
 
 
 def _shift(x):
@@ -116,29 +128,36 @@ class PolicyUpdater:
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
     # --- RL update --------------------------------------------------------------------------------
-    def _update_impl(self, params, opt_state, batch):
+    def _update_impl(self, params, opt_state, batch, lr):
         cfg = self.loss_cfg
+        # Every aggregation divides by the whole mini-batch's counts (verl's agg_loss with global
+        # token counts), so each micro-batch's loss is its share of the mini-batch loss and the
+        # summed gradients are the same for any micro_batch: it trades memory only.
+        norm = losses.normalizers(_shift(batch["loss_mask"]))
 
         def micro_loss(p, mb):
             logp, entropy = self._token_logprobs(p, mb["tokens"], mb["valid"])
             ref = _shift(mb["ref_logp"]) if cfg.kl_coef != 0.0 else None
             loss, metrics = losses.policy_loss(
-                logp, _shift(mb["old_logp"]), ref, _shift(mb["advantages"]), _shift(mb["loss_mask"]), entropy, cfg)
+                logp, _shift(mb["old_logp"]), ref, _shift(mb["advantages"]), _shift(mb["loss_mask"]), entropy, cfg,
+                norm=norm)
             return loss, metrics
 
         micro = jax.tree.map(self._micro_split, batch)
-        num_micro = micro["tokens"].shape[0]
 
         def body(acc, mb):
             (loss, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, mb)
-            acc = jax.tree.map(lambda a, g: a + g / num_micro, acc, grads)
+            acc = jax.tree.map(jnp.add, acc, grads)
             return acc, metrics
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         grads, metrics = jax.lax.scan(body, zeros, micro)
-        metrics = jax.tree.map(jnp.mean, metrics)
-        metrics["actor/ratio_max"] = jnp.max(metrics["actor/ratio_max"])
+        # With mini-batch normalisers the micro-batch values add up to the mini-batch's.
+        metrics = {k: jnp.max(v) if k == "actor/ratio_max" else jnp.sum(v) for k, v in metrics.items()}
         metrics["actor/grad_norm"] = optax.global_norm(grads)
+        if lr is not None:
+            opt_state = optax.tree_utils.tree_set(opt_state, learning_rate=lr)
+            metrics["actor/lr"] = lr
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, metrics
@@ -164,8 +183,15 @@ class PolicyUpdater:
         lp = self._logprobs(params, batch["tokens"], batch["valid"])
         return jnp.pad(lp, ((0, 0), (1, 0)))
 
-    def update(self, params, opt_state, batch):
-        return self._update(params, opt_state, batch)
+    def update(self, params, opt_state, batch, lr=None):
+        """One optimizer update on a mini-batch. With `lr`, the optimizer (built by make_optimizer)
+        applies that rate, and metrics["actor/lr"] reports it."""
+        if lr is not None:
+            if not _has_learning_rate(opt_state):
+                raise ValueError("update(lr=...) needs an optimizer with an injected learning_rate "
+                                 "hyperparameter: build it with update.make_optimizer")
+            lr = shd.put_global(np.float32(lr), NamedSharding(self.mesh, P()))
+        return self._update(params, opt_state, batch, lr)
 
     def sft_step(self, params, opt_state, batch):
         return self._sft(params, opt_state, batch)
