@@ -433,3 +433,47 @@ def test_golds_from_numpy_array_are_accepted():
     )
     assert ep.golds == ["Paris", "paris"]
     assert R.compute_rewards([ep], cfg()).em[0] == 1.0
+
+
+def _runner_episode(turns, question):
+    """An Episode as rollout.EpisodeRunner leaves it: turns (action, text, observation, docs)."""
+    from tspo_jax import rollout
+
+    recs = [rollout.Turn(action=a, policy_span=(0, 0), obs_span=None, text=t, observation=o, docs=d,
+                         query="q" if a == "search" else None) for a, t, o, d in turns]
+    ep = rollout.Episode(uid="u", prompt_len=0, tokens=[], loss_mask=[], turn_ids=[], logprobs=[], turns=recs,
+                         answer=None, stop_reason="answer")
+    return ep, question
+
+
+@pytest.mark.parametrize("alias", ["search", "answer", "valid", "again", "failed"])
+def test_folr_scans_only_retrieved_documents(alias):
+    """Finding 4: the invalid-action message and a "Search failed: ..." observation (on_retriever_error
+    = "observe") were not retrieved, so an alias they contain has no first occurrence there."""
+    from tspo_jax import rollout
+    from tspo_jax.retrieval.base import Doc, format_docs
+    from tspo_jax.train import episode_texts
+
+    docs = [Doc("1", "Ozymandias", "a sonnet by Percy Shelley, published in 1818", 0.9)]
+    failed = "Search failed: retriever timed out, try again"
+    info = lambda body: f"\n\n<information>{body}</information>\n\n"  # noqa: E731
+    turns = [
+        ("invalid", "I think", rollout.INVALID_ACTION_MESSAGE, []),
+        ("search", "<search> who wrote it </search>", info(failed), []),  # observe mode: no docs
+        ("search", "<search> ozymandias author </search>", info(format_docs(docs)), docs),
+        ("answer", "<answer> Keats </answer>", None, []),
+    ]
+    assert alias in (rollout.INVALID_ACTION_MESSAGE + failed).lower()  # the trap is real
+    ep, question = _runner_episode(turns, "Who wrote the poem Ozymandias?")
+
+    class Ex:
+        pass
+
+    ex = Ex()
+    ex.question, ex.golds, ex.data_source = question, [alias], "nq"
+    rb = R.compute_rewards(episode_texts([ep], [ex]), cfg(min_answer_chars=1))
+    assert rb.first_occurrence.tolist() == [-1] and rb.turn_returns[0].tolist() == [0, 0, 0, 0]
+    # Control: an alias in the retrieved documents is found, at the turn that retrieved them.
+    ex.golds = [alias, "Percy Shelley"]
+    rb = R.compute_rewards(episode_texts([ep], [ex]), cfg(min_answer_chars=1))
+    assert rb.first_occurrence.tolist() == [2]

@@ -87,8 +87,10 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 class EpisodeText:
     """The host-side text of one episode, as the rollout holds it.
 
-    turn_texts[k] is the policy's decoded text of turn k; observations[k] the text appended
-    after it (None when turn k did not search); response_text everything after the prompt.
+    turn_texts[k] is the policy's decoded text of turn k; observations[k] the retrieved text
+    appended after it: None unless turn k searched and the retriever returned documents (the
+    invalid-action message and a "Search failed" text are no o_k for FOLR); response_text
+    everything after the prompt.
     """
 
     question: str

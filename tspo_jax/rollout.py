@@ -103,6 +103,12 @@ class Turn:
     docs: list[Doc] = dataclasses.field(default_factory=list)
     stop: str = ""  # the sampler's stop reason
 
+    @property
+    def retrieved_observation(self) -> str | None:
+        """The observation when it holds retrieved documents, else None. FOLR looks for evidence
+        here only: the invalid-action message and a "Search failed: ..." text were not retrieved."""
+        return self.observation if self.action == "search" and self.docs else None
+
 
 @dataclasses.dataclass
 class Episode:

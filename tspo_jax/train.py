@@ -45,7 +45,7 @@ def episode_texts(episodes, examples_by_row) -> list[rewards.EpisodeText]:
     return [
         rewards.EpisodeText(
             question=ex.question, golds=list(ex.golds), data_source=ex.data_source,
-            turn_texts=[t.text for t in ep.turns], observations=[t.observation for t in ep.turns],
+            turn_texts=[t.text for t in ep.turns], observations=[t.retrieved_observation for t in ep.turns],
             response_text=ep.response_text)
         for ep, ex in zip(episodes, examples_by_row)
     ]
