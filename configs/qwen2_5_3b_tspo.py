@@ -18,7 +18,7 @@ import os
 
 import ml_collections
 
-from tspo_jax import advantages, losses, rewards, rollout
+from tspo_jax import advantages, losses, rewards
 from tspo_jax.model import qwen2
 
 # Device meshes, (data, fsdp, tensor). Parameters are sharded over fsdp x tensor, batches over
@@ -133,7 +133,10 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
 
     data_dir = os.path.expanduser(os.environ.get(DATA_DIR_ENV, "").strip() or DEFAULT_DATA_DIR)
     c.data = ml_collections.ConfigDict(
-        {"train": os.path.join(data_dir, "train.parquet"), "test": os.path.join(data_dir, "test.parquet")}
+        {"train": os.path.join(data_dir, "train.parquet"), "test": os.path.join(data_dir, "test.parquet"),
+         # Search-R1's parquet rows carry the exact prompt (its instruction + the question) as chat
+         # messages: use them, through the chat template, as verl does.
+         "prompt_source": "column"}
     )
 
     c.retriever = ml_collections.ConfigDict()
@@ -161,9 +164,13 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
             greedy=False,  # evaluation is greedy (train.py)
             resume="cache",
             on_retriever_error="raise",  # a dead retriever stops the run; rerun resumes
-            template=rollout.DEFAULT_TEMPLATE,
+            # Search-R1's instruction (nq_search.py's 'base' prefix); used for question-only files
+            # (--config.data.prompt_source=template) and by generate/compare on this workdir.
+            template="search_r1",
             # Search-R1's verl applies the tokenizer's chat template; Qwen2.5 base tokenizers have one too.
             use_chat_template=True,
+            # Search-R1's message after an invalid action ("My previous action is invalid. ...").
+            invalid_action_message="search_r1",
         )
     )
 

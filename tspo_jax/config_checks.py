@@ -11,7 +11,7 @@ import os
 import jax
 import ml_collections
 
-from tspo_jax import advantages, losses, rewards, rollout
+from tspo_jax import advantages, data, losses, rewards, rollout
 
 REQUIRED_SECTIONS = ("model", "data", "retriever", "rollout", "warmstart", "reward", "advantage", "loss", "optim",
                      "eval", "mesh")
@@ -45,6 +45,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{name}={path!r} does not exist: point it at a Search-R1 parquet or JSONL file")
     if not c.data.train:
         raise ConfigError("data.train is empty: point it at a Search-R1 parquet or JSONL file")
+    if c.data.get("prompt_source") not in data.PROMPT_SOURCES:
+        raise ConfigError(f"data.prompt_source={c.data.get('prompt_source')!r}: choose 'template' (the question in "
+                          "rollout.template) or 'column' (each row's own `prompt` chat messages)")
     if c.retriever.corpus and not c.retriever.spec and not os.path.exists(os.path.expanduser(c.retriever.corpus)):
         raise ConfigError(f"retriever.corpus={c.retriever.corpus!r} does not exist")
     if c.retriever.mode not in ("scann", "exact", "auto"):

@@ -84,8 +84,9 @@ class Trainer:
             temperature=1.0 if config.rollout.greedy else config.rollout.temperature,
             micro_batch=config.micro_batch, tokenizer_vocab=self.sampler.tokenizer_vocab)
 
-        self.train_examples = data.load_qa(config.data.train)
-        self.test_examples = data.load_qa(config.data.test) if config.data.test else []
+        source = config.data.prompt_source
+        self.train_examples = data.load_qa(config.data.train, prompt_source=source)
+        self.test_examples = data.load_qa(config.data.test, prompt_source=source) if config.data.test else []
         self.checkpointer = checkpointing.Checkpointer(
             os.path.join(self.workdir, "checkpoints"), keep=config.keep_checkpoints,
             save_every=config.checkpoint_every)
@@ -141,7 +142,7 @@ class Trainer:
 
         t0 = time.perf_counter()
         rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        episodes = self.runner.run(self.params_for_sampling(), [ex.question for ex in batch],
+        episodes = self.runner.run(self.params_for_sampling(), [ex.policy_input for ex in batch],
                                    [ex.uid for ex in batch], n=n, rng=rng)
         timing["timing_s/gen"] = time.perf_counter() - t0
         timing["timing_s/retrieval"] = self.runner.timing.get("retrieval", 0.0)

@@ -73,8 +73,12 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[op
         raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
-        optax.inject_hyperparams(optax.adamw)(
-            learning_rate=cfg.lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+        # Only the rate is a state hyperparameter, kept in float32: injected b1/b2 would take the
+        # parameters' dtype, and b2 = 0.999 is 1.0 in bf16.
+        optax.inject_hyperparams(
+            lambda learning_rate: optax.adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+            hyperparam_dtype=jnp.float32,
+        )(learning_rate=cfg.lr),
     )
     return tx, schedule
 

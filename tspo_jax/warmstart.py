@@ -76,7 +76,7 @@ def demonstration_episodes(examples, tokenizer, retriever, rollout_cfg: rollout.
         except DemonstrationUnavailable:
             skipped += 1
             continue
-        tokens = rollout.build_prompt(tokenizer, ex.question, rollout_cfg)
+        tokens = rollout.build_prompt(tokenizer, ex.policy_input, rollout_cfg)
         mask = [0] * len(tokens)
         for role, text in segments:
             if role == OBSERVATION:
