@@ -477,3 +477,25 @@ def test_folr_scans_only_retrieved_documents(alias):
     ex.golds = [alias, "Percy Shelley"]
     rb = R.compute_rewards(episode_texts([ep], [ex]), cfg(min_answer_chars=1))
     assert rb.first_occurrence.tolist() == [2]
+
+
+def _search_r1_extract_solution(solution_str):
+    """Search-R1's qa_em.extract_solution (behaviour restated): the last match, if >= 2 matches."""
+    matches = list(re.finditer(r"<answer>(.*?)</answer>", solution_str, re.DOTALL))
+    return matches[-1].group(1).strip() if len(matches) > 1 else None
+
+
+def test_answer_extraction_reads_the_response_only_unlike_search_r1():
+    """Finding 7 (documented, kept): Search-R1 extracts from prompt + response, and its prompt
+    holds two <answer> pairs, so an answerless response is read as the prompt's 'Beijing'."""
+    from tspo_jax import rollout
+
+    prompt = rollout.SEARCH_R1_TEMPLATE.format(question="What is the capital of China?")
+    response = "<think> I do not know. </think>"
+    assert _search_r1_extract_solution(prompt + response) == "Beijing"  # Search-R1: EM 1
+    assert R.extract_answer(response) is None and R.exact_match(R.extract_answer(response), ["Beijing"]) == 0.0
+    # With one answer in the response both read that answer.
+    answered = response + "<answer> Shanghai </answer>"
+    assert _search_r1_extract_solution(prompt + answered) == R.extract_answer(answered) == "Shanghai"
+    doc = R.__doc__
+    assert "least two" in doc and "Beijing" in doc and "skips the first" not in doc
