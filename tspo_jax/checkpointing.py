@@ -50,6 +50,35 @@ class Checkpointer:
         self.manager.close()
 
 
+def restore_params(directory: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
+    """Only the policy parameters of a training checkpoint (the latest step, or `step`), into
+    `abstract_params`' structure, dtypes and shardings; the optimizer state stays on disk."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints/ directory at {directory}: train first")
+    checkpointer = Checkpointer(directory)
+    try:
+        steps = checkpointer.manager.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{directory} holds no finished checkpoint step: train first")
+        step = checkpointer.latest_step() if step is None else int(step)
+        if step not in steps:
+            raise FileNotFoundError(f"{directory} has no checkpoint of step {step}; it has steps {sorted(steps)}")
+        target = {"params": abstract_params}
+        restored = checkpointer.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,  # skip opt_state and step
+                )
+            ),
+        )
+    finally:
+        checkpointer.close()
+    return restored["state"]["params"], step
+
+
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs with the shardings of a live pytree (the restore target)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
