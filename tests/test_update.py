@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from tspo_jax import losses
@@ -158,29 +159,30 @@ def _ragged_batch(rs, rows=16):
     return {k: v for k, v in packed.items() if k != "turn_ids"}
 
 
-def test_micro_batch_is_memory_only_for_every_aggregation():
+@pytest.mark.parametrize("agg", losses.AGGREGATIONS)
+def test_micro_batch_is_memory_only_for_every_aggregation(agg):
     """Finding 2: the update (params after one step) is the same for micro_batch m, m/2, m/4."""
     packed = _ragged_batch(np.random.RandomState(11))
-    for agg in losses.AGGREGATIONS:
-        results = {}
-        for micro in (16, 8, 4):
-            model, upd, loss_cfg = _setup((2, 2, 2), micro)  # the batch split over 4 devices
-            loss_cfg = ml_collections.ConfigDict(loss_cfg.to_dict())
-            loss_cfg.agg, loss_cfg.kl_coef, loss_cfg.entropy_coef = agg, 0.01, 0.01
-            upd = dataclasses.replace(upd, loss_cfg=loss_cfg)
-            params = nnx.state(model, nnx.Param)
-            before = [np.asarray(x) for x in jax.tree.leaves(params)]  # params are donated
-            new, _, metrics = upd.update(params, upd.tx.init(params), upd.shard(packed))
-            results[micro] = ([np.asarray(x) for x in jax.tree.leaves(new)], metrics)
-        base, base_metrics = results[16]
-        moved = max(np.abs(a - b).max() for a, b in zip(base, before))
-        assert moved > 1e-4, (agg, moved)  # the update is not trivially zero
-        for micro in (8, 4):
-            for a, b in zip(results[micro][0], base):
-                np.testing.assert_allclose(a, b, atol=1e-6, rtol=0, err_msg=f"{agg} micro_batch={micro}")
-            for key in ("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/pg_clipfrac", "actor/ratio_max"):
-                np.testing.assert_allclose(float(results[micro][1][key]), float(base_metrics[key]), rtol=1e-5,
-                                           atol=1e-7, err_msg=f"{agg} {key} micro_batch={micro}")
+    results = {}
+    for micro in (16, 8, 4):
+        model, upd, loss_cfg = _setup((2, 2, 2), micro)  # the batch split over 4 devices
+        loss_cfg = ml_collections.ConfigDict(loss_cfg.to_dict())
+        loss_cfg.agg, loss_cfg.kl_coef, loss_cfg.entropy_coef = agg, 0.01, 0.01
+        upd = dataclasses.replace(upd, loss_cfg=loss_cfg)
+        params = nnx.state(model, nnx.Param)
+        before = [np.asarray(x) for x in jax.tree.leaves(params)]  # params are donated
+        new, _, metrics = upd.update(params, upd.tx.init(params), upd.shard(packed))
+        results[micro] = ([np.asarray(x) for x in jax.tree.leaves(new)], metrics)
+    base, base_metrics = results[16]
+    moved = max(np.abs(a - b).max() for a, b in zip(base, before))
+    assert moved > 1e-4, (agg, moved)  # the update is not trivially zero
+    for micro in (8, 4):  # params first, then the logged metrics (mini-batch values too)
+        for a, b in zip(results[micro][0], base):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=0, err_msg=f"{agg} micro_batch={micro}")
+    for micro in (8, 4):
+        for key in ("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/pg_clipfrac", "actor/ratio_max"):
+            np.testing.assert_allclose(float(results[micro][1][key]), float(base_metrics[key]), rtol=1e-5,
+                                       atol=1e-7, err_msg=f"{agg} {key} micro_batch={micro}")
 
 
 def test_update_applies_and_reports_the_given_learning_rate():
