@@ -59,8 +59,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[op
     The schedule is indexed by *training step*, not by optimizer update: Search-R1 (verl) steps its
     LR scheduler once per training step, so every mini-batch update of one step uses one rate.
     The rate is therefore a hyperparameter in the optimizer state (optax.inject_hyperparams) that
-    the caller sets on each update (`PolicyUpdater.update(..., lr=schedule(step))`); it starts at
-    the peak `cfg.lr` for callers that never set it."""
+    the caller sets on each update: `PolicyUpdater.update(..., lr=schedule(k))` for the k-th
+    training step counted from 0 (verl's first step runs at schedule(0), 0 during warm-up). It
+    starts at the peak `cfg.lr` for callers that never set it."""
     # int(), not round(): verl computes int(lr_warmup_steps_ratio * total_steps).
     warmup = int(cfg.warmup_ratio * total_steps) if cfg.get("warmup_steps") is None else cfg.warmup_steps
     if cfg.schedule == "constant":
