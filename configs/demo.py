@@ -44,7 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.remat = False
     c.model.attention_chunk = 64  # long blocks attend in query chunks of this many positions
 
-    c.data = ml_collections.ConfigDict({"train": str(paths["train"]), "test": str(paths["test"])})
+    # prompt_source "template": each question goes into rollout.template ("column": the rows'
+    # own chat messages, as Search-R1's parquet files carry them).
+    c.data = ml_collections.ConfigDict(
+        {"train": str(paths["train"]), "test": str(paths["test"]), "prompt_source": "template"})
 
     c.retriever = ml_collections.ConfigDict()
     c.retriever.spec = ""  # a URL (Search-R1 /retrieve server) or an index dir; "" = build from corpus
@@ -60,7 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
         docs_per_search=3, temperature=1.0, top_p=1.0, top_k=0, greedy=False, resume="cache", on_retriever_error="raise",
         # A short instruction: the tiny policy learns the tags from the warm start, and every
         # prompt token costs compute in all episodes (configs for real models use the full one).
-        template="Search, then answer.\nQuestion: {question}\n", use_chat_template=True))
+        template="Search, then answer.\nQuestion: {question}\n", use_chat_template=True,
+        invalid_action_message="tspo"))  # our wording (rollout.PROMPT_PRESETS)
 
     # A partial warm start on purpose (measured, held-out EM): 400 steps reach 0.90 and leave RL
     # little to do; 150 steps reach only 0.16, where 20 RL steps found too few right answers;

@@ -18,7 +18,7 @@ import os
 
 import ml_collections
 
-from tspo_jax import advantages, losses, rewards, rollout
+from tspo_jax import advantages, losses, rewards
 from tspo_jax.model import qwen2
 
 # Device meshes, (data, fsdp, tensor). Parameters are sharded over fsdp x tensor, batches over
@@ -101,7 +101,9 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
     c.prompts_per_step = 512  # data.train_batch_size
     c.group_size = 5  # n rollouts per prompt (rollout.n_agent)
     c.mini_batch = 256  # trajectories per optimizer step: 2560 / 256 = 10 updates per step
-    # Rows per gradient-accumulation slice: memory only, the update is the same for any value.
+    # Rows per gradient-accumulation slice: memory only. Every loss aggregation divides by the
+    # mini-batch's counts (verl's agg_loss), so the update is the same for any value (up to float
+    # rounding; tests/test_update.py checks micro_batch m, m/2, m/4).
     c.micro_batch = micro_batch
     c.ppo_epochs = 1
     # The sampler (KV-cache decode) and the trainer (full forward) round differently in bf16, so
@@ -134,7 +136,10 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
 
     data_dir = os.path.expanduser(os.environ.get(DATA_DIR_ENV, "").strip() or DEFAULT_DATA_DIR)
     c.data = ml_collections.ConfigDict(
-        {"train": os.path.join(data_dir, "train.parquet"), "test": os.path.join(data_dir, "test.parquet")}
+        {"train": os.path.join(data_dir, "train.parquet"), "test": os.path.join(data_dir, "test.parquet"),
+         # Search-R1's parquet rows carry the exact prompt (its instruction + the question) as chat
+         # messages: use them, through the chat template, as verl does.
+         "prompt_source": "column"}
     )
 
     c.retriever = ml_collections.ConfigDict()
@@ -163,9 +168,13 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
             greedy=False,  # evaluation is greedy (train.py)
             resume="cache",
             on_retriever_error="raise",  # a dead retriever stops the run; rerun resumes
-            template=rollout.DEFAULT_TEMPLATE,
+            # Search-R1's instruction (nq_search.py's 'base' prefix); used for question-only files
+            # (--config.data.prompt_source=template) and by generate/compare on this workdir.
+            template="search_r1",
             # Search-R1's verl applies the tokenizer's chat template; Qwen2.5 base tokenizers have one too.
             use_chat_template=True,
+            # Search-R1's message after an invalid action ("My previous action is invalid. ...").
+            invalid_action_message="search_r1",
         )
     )
 
@@ -184,6 +193,8 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
         dict(
             lr=1e-6,
             schedule="constant",
+            # int(0.285 * 1005) = 286 warm-up *training steps*: the rate is set once per step
+            # and shared by its 10 updates, as Search-R1's scheduler steps once per step.
             warmup_ratio=0.285,
             weight_decay=0.01,
             b1=0.9,

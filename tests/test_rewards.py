@@ -432,3 +432,70 @@ def test_golds_from_numpy_array_are_accepted():
     )
     assert ep.golds == ["Paris", "paris"]
     assert R.compute_rewards([ep], cfg(), num_turns=4).em[0] == 1.0
+
+
+
+def _runner_episode(turns, question):
+    """An Episode as rollout.EpisodeRunner leaves it: turns (action, text, observation, docs)."""
+    from tspo_jax import rollout
+
+    recs = [rollout.Turn(action=a, policy_span=(0, 0), obs_span=None, text=t, observation=o, docs=d,
+                         query="q" if a == "search" else None) for a, t, o, d in turns]
+    ep = rollout.Episode(uid="u", prompt_len=0, tokens=[], loss_mask=[], turn_ids=[], logprobs=[], turns=recs,
+                         answer=None, stop_reason="answer")
+    return ep, question
+
+
+@pytest.mark.parametrize("alias", ["search", "answer", "valid", "again", "failed"])
+def test_folr_scans_only_retrieved_documents(alias):
+    """Finding 4: the invalid-action message and a "Search failed: ..." observation (on_retriever_error
+    = "observe") were not retrieved, so an alias they contain has no first occurrence there."""
+    from tspo_jax import rollout
+    from tspo_jax.retrieval.base import Doc, format_docs
+    from tspo_jax.train import episode_texts
+
+    docs = [Doc("1", "Ozymandias", "a sonnet by Percy Shelley, published in 1818", 0.9)]
+    failed = "Search failed: retriever timed out, try again"
+    info = lambda body: f"\n\n<information>{body}</information>\n\n"  # noqa: E731
+    turns = [
+        ("invalid", "I think", rollout.INVALID_ACTION_MESSAGE, []),
+        ("search", "<search> who wrote it </search>", info(failed), []),  # observe mode: no docs
+        ("search", "<search> ozymandias author </search>", info(format_docs(docs)), docs),
+        ("answer", "<answer> Keats </answer>", None, []),
+    ]
+    assert alias in (rollout.INVALID_ACTION_MESSAGE + failed).lower()  # the trap is real
+    ep, question = _runner_episode(turns, "Who wrote the poem Ozymandias?")
+
+    class Ex:
+        pass
+
+    ex = Ex()
+    ex.question, ex.golds, ex.data_source = question, [alias], "nq"
+    rb = R.compute_rewards(episode_texts([ep], [ex]), cfg(min_answer_chars=1), num_turns=4)
+    assert rb.first_occurrence.tolist() == [-1] and rb.turn_returns[0].tolist() == [0, 0, 0, 0]
+    # Control: an alias in the retrieved documents is found, at the turn that retrieved them.
+    ex.golds = [alias, "Percy Shelley"]
+    rb = R.compute_rewards(episode_texts([ep], [ex]), cfg(min_answer_chars=1), num_turns=4)
+    assert rb.first_occurrence.tolist() == [2]
+
+
+def _search_r1_extract_solution(solution_str):
+    """Search-R1's qa_em.extract_solution (behaviour restated): the last match, if >= 2 matches."""
+    matches = list(re.finditer(r"<answer>(.*?)</answer>", solution_str, re.DOTALL))
+    return matches[-1].group(1).strip() if len(matches) > 1 else None
+
+
+def test_answer_extraction_reads_the_response_only_unlike_search_r1():
+    """Finding 7 (documented, kept): Search-R1 extracts from prompt + response, and its prompt
+    holds two <answer> pairs, so an answerless response is read as the prompt's 'Beijing'."""
+    from tspo_jax import rollout
+
+    prompt = rollout.SEARCH_R1_TEMPLATE.format(question="What is the capital of China?")
+    response = "<think> I do not know. </think>"
+    assert _search_r1_extract_solution(prompt + response) == "Beijing"  # Search-R1: EM 1
+    assert R.extract_answer(response) is None and R.exact_match(R.extract_answer(response), ["Beijing"]) == 0.0
+    # With one answer in the response both read that answer.
+    answered = response + "<answer> Shanghai </answer>"
+    assert _search_r1_extract_solution(prompt + answered) == R.extract_answer(answered) == "Shanghai"
+    doc = R.__doc__
+    assert "least two" in doc and "Beijing" in doc and "skips the first" not in doc

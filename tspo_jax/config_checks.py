@@ -12,7 +12,7 @@ import os
 import jax
 import ml_collections
 
-from tspo_jax import advantages, losses, rewards, rollout, update
+from tspo_jax import advantages, data, losses, rewards, rollout, update
 from tspo_jax import sharding as shd
 from tspo_jax.model import qwen2
 from tspo_jax.retrieval import index as index_lib
@@ -67,6 +67,9 @@ def validate_config(c: ml_collections.ConfigDict, *, check_files: bool = True, d
             raise ConfigError(f"{name}={path!r} does not exist: point it at a Search-R1 parquet or JSONL file")
     if not c.data.train:
         raise ConfigError("data.train is empty: point it at a Search-R1 parquet or JSONL file")
+    if c.data.get("prompt_source") not in data.PROMPT_SOURCES:
+        raise ConfigError(f"data.prompt_source={c.data.get('prompt_source')!r}: choose 'template' (the question in "
+                          "rollout.template) or 'column' (each row's own `prompt` chat messages)")
     if check_files and c.retriever.corpus and not c.retriever.spec and not os.path.exists(os.path.expanduser(c.retriever.corpus)):
         raise ConfigError(f"retriever.corpus={c.retriever.corpus!r} does not exist")
     try:

@@ -16,7 +16,7 @@ def evaluate_examples(runner, params, examples, *, batch_size: int = 64) -> dict
     rows = []
     for s in range(0, len(examples), batch_size):
         chunk = examples[s : s + batch_size]
-        episodes = runner.run(params, [ex.question for ex in chunk], [ex.uid for ex in chunk], n=1)
+        episodes = runner.run(params, [ex.policy_input for ex in chunk], [ex.uid for ex in chunk], n=1)
         for ex, ep in zip(chunk, episodes):
             em = rewards.exact_match(ep.answer, ex.golds)
             rows.append({"uid": ex.uid, "data_source": ex.data_source, "question": ex.question,

@@ -120,6 +120,7 @@ class GenerateOptions:
     max_obs_length: int = 500
     template: str | None = None  # episode prompt template (contains {question}); None: the default
     chat_template: bool = True  # wrap episode prompts in the tokenizer's chat template
+    invalid_action_message: str | None = None  # text or rollout.PROMPT_PRESETS name; None: the default
 
     def __post_init__(self):
         for name, flag in (("max_new_tokens", "max_new_tokens"), ("batch_size", "batch_size"),
@@ -141,6 +142,8 @@ class GenerateOptions:
 
     def rollout_config(self) -> rollout.RolloutConfig:
         extra = {"template": self.template} if self.template is not None else {}
+        if self.invalid_action_message is not None:
+            extra["invalid_action_message"] = self.invalid_action_message
         return rollout.RolloutConfig(
             max_turns=self.max_turns,
             max_response_length=self.max_new_tokens,
@@ -326,7 +329,8 @@ def run(
     if template is None and saved and "template" in saved:
         # Episodes are prompted the way the workdir's policy was trained.
         options = dataclasses.replace(
-            options, template=saved["template"], chat_template=saved.get("use_chat_template", True))
+            options, template=saved["template"], chat_template=saved.get("use_chat_template", True),
+            invalid_action_message=saved.get("invalid_action_message"))
     ret = None
     if needs_retriever:
         try:

@@ -6,8 +6,12 @@ definitions. What is Search-R1's and what is ours:
 
 * Search-R1: `normalize_answer`, exact match against any gold alias, the v0.3 format terms
   (`structure_format_score`, `final_format_score`, `retrieval_score`) and its tag grammar.
-  One deliberate difference: Search-R1 scans prompt + response and skips the first
-  `<answer>` (the prompt's example); we scan the response only and take its last `<answer>`.
+  One deliberate difference, answer extraction: Search-R1 (qa_em.extract_solution) reads the
+  decoded prompt + response and returns the last `<answer>...</answer>` only when there are at
+  least two, else nothing. Its prompt holds two (`<answer> and </answer>` and the example
+  `<answer> Beijing </answer>`), so a response with no answer at all is read as "Beijing" and
+  scores 1 on a gold "Beijing". We read the response only and take its last `<answer>`; a
+  response without one has no answer and scores 0.
 * Ours (TSPO's method section is not public): FOLR's first-occurrence turn k*, its
   incidental-match guard, and the stage-aware turn returns G_k. Every choice is a knob in
   `default_config().folr`.
@@ -85,8 +89,10 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 class EpisodeText:
     """The host-side text of one episode, as the rollout holds it.
 
-    turn_texts[k] is the policy's decoded text of turn k; observations[k] the text appended
-    after it (None when turn k did not search); response_text everything after the prompt.
+    turn_texts[k] is the policy's decoded text of turn k; observations[k] the retrieved text
+    appended after it: None unless turn k searched and the retriever returned documents (the
+    invalid-action message and a "Search failed" text are no o_k for FOLR); response_text
+    everything after the prompt.
     """
 
     question: str

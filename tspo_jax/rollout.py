@@ -45,6 +45,28 @@ INVALID_ACTION_MESSAGE = (
     "\nThat was not a valid action. To search, put a query between <search> and </search>. "
     "To answer, put the answer between <answer> and </answer>. Try again.\n"
 )
+# Search-R1's own wording (scripts/data_process/nq_search.py's 'base' prefix and the message
+# search_r1/llm_agent/generation.py appends after an invalid action), reproduced so that a
+# Search-R1-trained checkpoint sees exactly the text it was trained on.
+SEARCH_R1_TEMPLATE = (
+    "Answer the given question. You must conduct reasoning inside <think> and </think> first every "
+    "time you get new information. After reasoning, if you find you lack some knowledge, you can call "
+    "a search engine by <search> query </search> and it will return the top searched results between "
+    "<information> and </information>. You can search as many times as your want. If you find no "
+    "further external knowledge needed, you can directly provide the answer inside <answer> and "
+    "</answer>, without detailed illustrations. For example, <answer> Beijing </answer>. "
+    "Question: {question}\n"
+)
+SEARCH_R1_INVALID_ACTION_MESSAGE = (
+    "\nMy previous action is invalid. If I want to search, I should put the query between <search> "
+    "and </search>. If I want to give the final answer, I should put the answer between <answer> and "
+    "</answer>. Let me try again.\n"
+)
+# rollout.template and rollout.invalid_action_message accept a preset's name for its text.
+PROMPT_PRESETS = {
+    "tspo": {"template": DEFAULT_TEMPLATE, "invalid_action_message": INVALID_ACTION_MESSAGE},
+    "search_r1": {"template": SEARCH_R1_TEMPLATE, "invalid_action_message": SEARCH_R1_INVALID_ACTION_MESSAGE},
+}
 MAX_QUERY_CHARS = 512  # a runaway query is cut before it reaches the retriever
 
 
@@ -62,10 +84,16 @@ class RolloutConfig:
     greedy: bool = False
     resume: str = "cache"  # "cache" (interrupt/resume) or "reprefill" (naive, for tests/benchmarks)
     on_retriever_error: str = "raise"  # "raise" or "observe" (the error text becomes the observation)
-    template: str = DEFAULT_TEMPLATE
+    template: str = DEFAULT_TEMPLATE  # text with {question}, or a PROMPT_PRESETS name
     use_chat_template: bool = True
+    invalid_action_message: str = INVALID_ACTION_MESSAGE  # text, or a PROMPT_PRESETS name
 
     def __post_init__(self):
+        self.template = PROMPT_PRESETS.get(self.template, {}).get("template", self.template)
+        self.invalid_action_message = PROMPT_PRESETS.get(self.invalid_action_message, {}).get(
+            "invalid_action_message", self.invalid_action_message)
+        if not self.invalid_action_message:
+            raise ValueError(f"invalid_action_message is empty: give its text or a preset name {sorted(PROMPT_PRESETS)}")
         if self.resume not in ("cache", "reprefill"):
             raise ValueError(f"resume must be 'cache' or 'reprefill', got {self.resume!r}")
         if self.on_retriever_error not in ("raise", "observe"):
@@ -73,7 +101,8 @@ class RolloutConfig:
                 f"on_retriever_error must be 'raise' or 'observe', got {self.on_retriever_error!r}"
             )
         if "{question}" not in self.template:
-            raise ValueError("the prompt template must contain the placeholder {question}")
+            raise ValueError("the prompt template must contain the placeholder {question} "
+                             f"(or be a preset name: {sorted(PROMPT_PRESETS)})")
         for name in ("max_turns", "max_response_length", "max_obs_length", "max_prompt_length", "docs_per_search"):
             if getattr(self, name) < (0 if name == "max_turns" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -93,7 +122,7 @@ class RolloutConfig:
         if self.max_context_length:
             return self.max_context_length
         turns = self.num_turns
-        obs_width = sampling.bucket(max(self.max_obs_length, len(INVALID_ACTION_MESSAGE)), 16)
+        obs_width = sampling.bucket(max(self.max_obs_length, len(self.invalid_action_message)), 16)
         return prompt_len + turns * self.max_response_length + self.max_turns * obs_width
 
 
@@ -107,6 +136,12 @@ class Turn:
     query: str | None = None
     docs: list[Doc] = dataclasses.field(default_factory=list)
     stop: str = ""  # the sampler's stop reason
+
+    @property
+    def retrieved_observation(self) -> str | None:
+        """The observation when it holds retrieved documents, else None. FOLR looks for evidence
+        here only: the invalid-action message and a "Search failed: ..." text were not retrieved."""
+        return self.observation if self.action == "search" and self.docs else None
 
 
 @dataclasses.dataclass
@@ -131,10 +166,23 @@ class Episode:
         return len(self.turns)
 
 
-def build_prompt(tokenizer, question: str, cfg: RolloutConfig) -> list[int]:
-    text = cfg.template.format(question=question.strip())
+def build_prompt(tokenizer, question: str | Sequence[dict], cfg: RolloutConfig) -> list[int]:
+    """Prompt ids from a question (put into cfg.template) or from a row's own chat messages
+    (data.prompt_source="column"), through the chat template with the generation prompt, as
+    verl does; without a chat template, verl takes the first message's content as the text."""
+    if isinstance(question, str):
+        messages = [{"role": "user", "content": cfg.template.format(question=question.strip())}]
+    else:
+        messages = [dict(m) for m in question]
+        if not messages:
+            raise ValueError("a prompt given as chat messages needs at least one message")
     if cfg.use_chat_template and tokenizer.has_chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    elif len(messages) == 1:
+        text = messages[0]["content"]
+    else:
+        raise ValueError(f"a prompt of {len(messages)} chat messages needs the tokenizer's chat template; "
+                         "set rollout.use_chat_template=True with a tokenizer that has one")
     ids = tokenizer.encode(text)
     if len(ids) > cfg.max_prompt_length:
         # Keep the end, where the question and the generation prompt are.
@@ -191,7 +239,7 @@ class EpisodeRunner:
         self.tokenizer = tokenizer
         self.retriever = retriever
         self.cfg = cfg
-        self._invalid = tokenizer.encode(INVALID_ACTION_MESSAGE)
+        self._invalid = tokenizer.encode(cfg.invalid_action_message)
         self.timing: dict[str, float] = {}
 
     # --- host-side environment ----------------------------------------------------------------
@@ -219,14 +267,15 @@ class EpisodeRunner:
     def run(
         self,
         params,
-        questions: Sequence[str],
+        questions: Sequence[str | Sequence[dict]],
         uids: Sequence[str] | None = None,
         *,
         n: int = 1,
         rng=None,
         seed: int = 0,
     ) -> list[Episode]:
-        """Episodes for every question repeated n times (rows of one question are adjacent)."""
+        """Episodes for every question repeated n times (rows of one question are adjacent).
+        A question is a string for the template, or a row's chat messages (see build_prompt)."""
         cfg, tok, smp = self.cfg, self.tokenizer, self.sampler
         self.timing = {}
         uids = list(uids) if uids is not None else [str(i) for i in range(len(questions))]
@@ -301,7 +350,7 @@ class EpisodeRunner:
                     t.query = content[:MAX_QUERY_CHARS]
                     searches.append((i, t.query))
                 else:
-                    t.observation = INVALID_ACTION_MESSAGE
+                    t.observation = cfg.invalid_action_message
                     appends[i] = list(self._invalid)
             if searches:
                 results = self._retrieve([q for _, q in searches])

@@ -238,8 +238,9 @@ class Runtime:
                  retriever=retriever, runner=runner, tx=tx, schedule=schedule, updater=updater,
                  abstract_mode=abstract)
         if not abstract:
-            rt.train_examples = data.load_qa(config.data.train)
-            rt.test_examples = data.load_qa(config.data.test) if config.data.test else []
+            source = config.data.prompt_source
+            rt.train_examples = data.load_qa(config.data.train, prompt_source=source)
+            rt.test_examples = data.load_qa(config.data.test, prompt_source=source) if config.data.test else []
             rt.checkpointer = checkpointing.Checkpointer(
                 str(paths.resolve(workdir) / checkpointing.CHECKPOINTS), keep=config.keep_checkpoints,
                 save_every=config.checkpoint_every, async_save=resolve_async_checkpointing(config))
@@ -301,7 +302,8 @@ class Runtime:
             rt.rollout_cfg = dataclasses.replace(rollout.RolloutConfig(**config.rollout.to_dict()), greedy=True)
             rt.retriever = build_retriever(config.retriever, None if source == "hf" else path)
             rt.runner = rollout.EpisodeRunner(sampler, tokenizer, rt.retriever, rt.rollout_cfg)
-            rt.test_examples = data.load_qa(config.data.test) if config.data.test else []
+            rt.test_examples = (data.load_qa(config.data.test, prompt_source=config.data.prompt_source)
+                                if config.data.test else [])
         return rt
 
     # --- state ----------------------------------------------------------------------------------

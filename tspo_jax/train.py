@@ -40,7 +40,7 @@ def episode_texts(episodes, examples_by_row) -> list[rewards.EpisodeText]:
     return [
         rewards.EpisodeText(
             question=ex.question, golds=list(ex.golds), data_source=ex.data_source,
-            turn_texts=[t.text for t in ep.turns], observations=[t.observation for t in ep.turns],
+            turn_texts=[t.text for t in ep.turns], observations=[t.retrieved_observation for t in ep.turns],
             response_text=ep.response_text)
         for ep, ex in zip(episodes, examples_by_row)
     ]
@@ -99,7 +99,7 @@ class Trainer:
 
         t0 = time.perf_counter()
         rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        episodes = self.rt.runner.run(self.params_for_sampling(), [ex.question for ex in batch],
+        episodes = self.rt.runner.run(self.params_for_sampling(), [ex.policy_input for ex in batch],
                                    [ex.uid for ex in batch], n=n, rng=rng)
         timing["timing_s/gen"] = time.perf_counter() - t0
         timing["timing_s/retrieval"] = self.rt.runner.timing.get("retrieval", 0.0)
@@ -137,7 +137,9 @@ class Trainer:
             for s in range(0, num_rows, cfg.mini_batch):
                 idx = perm[s : s + cfg.mini_batch]
                 mb = self.rt.updater.shard({k: packed[k][idx] for k in keys})
-                self.params, self.opt_state, m = self.rt.updater.update(self.params, self.opt_state, mb)
+                # One rate per training step (Search-R1 steps its scheduler per step; step 1 uses schedule(0)).
+                self.params, self.opt_state, m = self.rt.updater.update(self.params, self.opt_state, mb,
+                                                                     lr=self.rt.schedule(step - 1))
                 update_metrics.append(m)
         jax.block_until_ready(self.params)
         timing["timing_s/update_actor"] = time.perf_counter() - t0
@@ -156,7 +158,6 @@ class Trainer:
             "env/turns/mean": float(np.mean([e.num_turns for e in episodes])),
             "env/searches/mean": float(np.mean([sum(t.action == "search" for t in e.turns) for e in episodes])),
             "env/answered_frac": float(np.mean([e.stop_reason == "answer" for e in episodes])),
-            "actor/lr": float(self.rt.schedule(step)),
             "perf/total_num_tokens": n_tokens,
             "perf/throughput": n_tokens / timing["timing_s/step"] / jax.device_count(),
             "perf/compiles": sum(self.rt.sampler.compile_counts.values()),

@@ -68,7 +68,7 @@ def demonstration_episodes(examples, tokenizer, retriever, rollout_cfg: rollout.
         except LookupError:
             skipped += 1
             continue
-        tokens = rollout.build_prompt(tokenizer, ex.question, rollout_cfg)
+        tokens = rollout.build_prompt(tokenizer, ex.policy_input, rollout_cfg)
         mask = [0] * len(tokens)
         for role, text in segments:
             if role == OBSERVATION:
@@ -108,7 +108,7 @@ def maybe_warm_start(rt: Runtime, cfg: ml_collections.ConfigDict):
     if cfg.from_dir:
         raise FileNotFoundError(f"warmstart.from_dir={cfg.from_dir!r} holds no warm start (no {target})")
 
-    tx, _ = update_lib.make_optimizer(sft_optimizer_config(cfg), cfg.steps)
+    tx, schedule = update_lib.make_optimizer(sft_optimizer_config(cfg), cfg.steps)
     updater = dataclasses.replace(rt.updater, tx=tx, temperature=1.0)
     demos = demonstration_episodes(rt.train_examples, rt.tokenizer, rt.retriever, rt.rollout_cfg,
                                    load_builder(cfg.demonstrations))
@@ -123,7 +123,8 @@ def maybe_warm_start(rt: Runtime, cfg: ml_collections.ConfigDict):
     for step in range(cfg.steps):
         idx = rng.choice(len(demos), size=rows, replace=len(demos) < rows)
         batch = update_lib.pack_episodes([demos[i] for i in idx], width=width)
-        params, opt_state, m = updater.sft_step(params, opt_state, updater.shard(batch))
+        # The warm start's own warm-up, one rate per SFT step (as the optimizer's count gave it).
+        params, opt_state, m = updater.sft_step(params, opt_state, updater.shard(batch), lr=schedule(step))
         if step % max(cfg.steps // 10, 1) == 0 or step == cfg.steps - 1:
             log.info("warm start step %d/%d: loss %.4f", step + 1, cfg.steps, float(m["sft/loss"]))
     log.info("warm start: %d steps in %.1f s", cfg.steps, time.perf_counter() - t0)
