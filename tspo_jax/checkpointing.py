@@ -136,7 +136,7 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"{self.directory} holds no finished checkpoint step: train first")
         if step not in self.manager.all_steps():
-            raise FileNotFoundError(f"{self.directory} has no step {step}; it holds {self.all_steps()}")
+            raise FileNotFoundError(f"{self.directory} has no checkpoint of step {step}; it holds {self.all_steps()}")
         target = {"params": abstract_params}
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(

@@ -146,6 +146,8 @@ class Trainer:
         timing["timing_s/step"] = time.perf_counter() - t_step
 
         metrics = {k: float(np.mean([float(m[k]) for m in update_metrics])) for k in update_metrics[0]}
+        # A count, not a mean: how many of this step's updates were skipped as non-finite.
+        metrics["actor/nonfinite_skips"] = float(sum(float(m["actor/nonfinite_skips"]) for m in update_metrics))
         metrics.update({k: float(v) for k, v in adv_metrics.items()})
         metrics.update(timing)
         n_tokens = int(packed["valid"].sum())
