@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.recompute_old_logprobs = False  # the sampler's logprobs are exact here (same model, fp32)
     c.checkpoint_every = 10
     c.keep_checkpoints = 2
+    c.checkpoint_async = "auto"  # save in the background: "auto" = on accelerators, not on CPU
+    c.restore_fallback = True  # an unreadable latest checkpoint: resume from the newest intact one
+    c.max_nonfinite_steps = 3  # consecutive steps with skipped non-finite updates before save + stop
     c.progress_bar = True
     c.mesh = ml_collections.ConfigDict({"shape": (-1, 1, 1)})  # (data, fsdp, tensor)
 
@@ -53,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.retriever.mode = "scann"
     c.retriever.timeout_s = 30.0
     c.retriever.retries = 2
+    c.retriever.max_outage_s = 600.0  # wait out a retrieval server outage this long (backoff + jitter)
 
     c.rollout = ml_collections.ConfigDict(dict(
         max_turns=3, max_response_length=48, max_obs_length=160, max_prompt_length=256, max_context_length=0,

@@ -111,6 +111,9 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
     c.recompute_old_logprobs = True
     c.checkpoint_every = 100  # trainer.save_freq
     c.keep_checkpoints = 2  # each holds fp32 params + Adam moments (37 GB for 3B)
+    c.checkpoint_async = "auto"  # save in the background: "auto" = on accelerators, not on CPU
+    c.restore_fallback = True  # an unreadable latest checkpoint: resume from the newest intact one
+    c.max_nonfinite_steps = 3  # consecutive steps with skipped non-finite updates before save + stop
     c.progress_bar = True
     c.mesh = ml_collections.ConfigDict({"shape": mesh_shape(mesh_arg)})
 
@@ -147,6 +150,7 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
     c.retriever.mode = "scann"
     c.retriever.timeout_s = 300.0  # one request carries up to 2,560 queries
     c.retriever.retries = 2
+    c.retriever.max_outage_s = 600.0  # wait out a retrieval server outage this long (backoff + jitter)
 
     c.rollout = ml_collections.ConfigDict(
         dict(

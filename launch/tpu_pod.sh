@@ -15,7 +15,8 @@ Usage: bash launch/tpu_pod.sh --name=TPU --zone=ZONE --accelerator=TYPE --config
   --accelerator=TYPE     e.g. v4-32, v5litepod-64 (required)
   --config=FILE[:MESH]   e.g. configs/qwen2_5_3b_tspo.py:tpu_v4_32 (required; the mesh must fit the slice)
   --workdir=DIR          on the workers (required). Every worker writes its checkpoint shards there,
-                         so use a directory all of them share (a gcsfuse or Filestore mount).
+                         so use a gs://BUCKET/PATH (read and written directly) or a directory all of
+                         them share (a Filestore mount).
   --project=ID           Google Cloud project (default: gcloud's)
   --version=V            TPU software version (default by accelerator: v4 tpu-ubuntu2204-base,
                          v5litepod v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e)
@@ -67,7 +68,7 @@ require "$NAME" --name "the TPU VM's name"
 require "$ZONE" --zone "the TPU's zone, e.g. us-central2-b"
 require "$ACCELERATOR" --accelerator "the slice type, e.g. v4-32 or v5litepod-64"
 require "$CONFIG" --config "a config file and mesh, e.g. configs/qwen2_5_3b_tspo.py:tpu_v4_32"
-require "$WORKDIR" --workdir "a directory every worker shares, for checkpoints and metrics"
+require "$WORKDIR" --workdir "gs://BUCKET/PATH or a directory every worker shares, for checkpoints and metrics"
 [[ -n $INDEX || -n $RETRIEVER_URL ]] || die "missing required flag --index (the index directory on the workers), or pass --retriever-url=URL of a running server; see --help"
 [[ -f $REPO/${CONFIG%%:*} ]] || die "--config=$CONFIG: no file ${CONFIG%%:*} in $REPO (give it relative to the repository)"
 [[ $PORT =~ ^[0-9]+$ ]] || die "--port=$PORT must be a number"

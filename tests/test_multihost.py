@@ -8,6 +8,7 @@ then the same command with more steps resumes from the pair's checkpoint."""
 
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -63,8 +64,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(workdir, index_dir, *, total_steps, num_processes, devices_per_process, log_dir) -> list[str]:
-    """Runs `python -m tspo_jax.train` as `num_processes` processes; returns each one's log."""
+def _train(workdir, index_dir, *, total_steps, num_processes, devices_per_process, log_dir,
+           extra=(), while_running=None) -> list[str]:
+    """Runs `python -m tspo_jax.train` as `num_processes` processes; returns each one's log.
+    `while_running(procs)` is polled while they run (to inject a fault)."""
     args = [
         sys.executable,
         "-m",
@@ -75,6 +78,7 @@ def _train(workdir, index_dir, *, total_steps, num_processes, devices_per_proces
         f"--config.retriever.index_dir={index_dir}",
     ]
     args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    args += list(extra)
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
@@ -105,6 +109,8 @@ def _train(workdir, index_dir, *, total_steps, num_processes, devices_per_proces
         while time.monotonic() < deadline and any(p.poll() is None for p in procs):
             if any(p.returncode not in (None, 0) for p in procs):
                 break
+            if while_running is not None:
+                while_running(procs)
             time.sleep(0.5)
     finally:
         for p in procs:
@@ -174,3 +180,41 @@ def test_two_processes_train_as_one_and_resume(tmp_path):
     final = _params(os.path.join(multi, "checkpoints", "3", "state"), "params")
     assert _max_abs_diff(final, _params(os.path.join(single, "checkpoints", "3", "state"), "params")) < 1e-6
     assert _max_abs_diff(final, warm) > 1e-4
+
+
+def test_sigterm_to_one_process_makes_both_save_the_same_step_and_resume_there(tmp_path):
+    """A pod host gets its preemption notice (SIGTERM) alone: JAX's preemption sync relays it, both
+    processes save the same step and exit cleanly, and the same command resumes from that step with
+    the steps after it equal to an uninterrupted run's."""
+    index_dir = str(tmp_path / "index")
+    multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
+    kw = dict(log_dir=str(tmp_path), num_processes=2, devices_per_process=2)
+    metrics_path = os.path.join(multi, "metrics.jsonl")
+    sent = []
+
+    def preempt_process_1_after_step_1(procs):
+        if not sent and os.path.exists(metrics_path) and read_metrics(metrics_path):
+            procs[1].send_signal(signal.SIGTERM)
+            sent.append(time.monotonic())
+
+    logs = _train(multi, index_dir, total_steps=8, extra=["--config.checkpoint_every=100"],
+                  while_running=preempt_process_1_after_step_1, **kw)
+    assert sent, "the run ended before its first step was logged"
+    # Orbax saves the first step whatever the interval; the other one is the preemption's.
+    saved = sorted(int(s) for s in os.listdir(os.path.join(multi, "checkpoints")))
+    step = saved[-1]
+    assert saved in ([1], [1, step]) and step < 8, saved
+    for text in logs:
+        assert f"stopped by SIGTERM after step {step}" in text
+    rows = read_metrics(metrics_path)
+    assert [r["step"] for r in rows] == list(range(1, step + 1))
+
+    # The same command resumes at the saved step; the step after it equals one process's.
+    logs = _train(multi, index_dir, total_steps=step + 1, **kw)
+    assert all(f"resumed from step {step}" in text for text in logs)
+    _train(single, index_dir, total_steps=step + 1, num_processes=1, devices_per_process=4, log_dir=str(tmp_path))
+    reference = read_metrics(os.path.join(single, "metrics.jsonl"))
+    rows = read_metrics(metrics_path)
+    assert [r["step"] for r in rows] == list(range(1, step + 2))
+    for s in range(1, step + 2):
+        _assert_close(rows[s - 1], reference[s - 1], s)

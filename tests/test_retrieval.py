@@ -2,12 +2,14 @@
 the Search-R1 HTTP API (server + client), and failure modes (dead or slow server)."""
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -96,7 +98,7 @@ def post(url, payload, timeout=10):
 class StubServer:
     """A loopback server whose POST handler is `respond(handler, n_calls)`; for failure-mode tests."""
 
-    def __init__(self, respond):
+    def __init__(self, respond, port: int = 0):
         calls = []
 
         class Handler(BaseHTTPRequestHandler):
@@ -108,7 +110,7 @@ class StubServer:
                 pass
 
         self.calls = calls
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -500,7 +502,7 @@ def test_client_reports_server_rejection_without_retrying(server):
 
 def test_dead_server_raises_retriever_error():
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    client = HttpRetriever(url, timeout_s=0.5, retries=1, backoff_s=0.01)
+    client = HttpRetriever(url, timeout_s=0.5, retries=1, backoff_s=0.01, max_outage_s=0)
     with pytest.raises(RetrieverError) as e:
         client.search(["q"], 3)
     message = str(e.value)
@@ -512,7 +514,7 @@ def test_slow_server_times_out_with_retriever_error():
     release = threading.Event()
     stub = StubServer(lambda handler, n: release.wait(30))  # never answers in time
     try:
-        client = HttpRetriever(stub.url, timeout_s=0.5, retries=1, backoff_s=0.01)
+        client = HttpRetriever(stub.url, timeout_s=0.5, retries=1, backoff_s=0.01, max_outage_s=0)
         with pytest.raises(RetrieverError, match=r"after 2 attempt\(s\) with a 0.5s timeout.*[Tt]imeout"):
             client.search(["q"], 3)
         assert len(stub.calls) == 2
@@ -554,3 +556,41 @@ def test_client_rejects_malformed_replies():
             client.search(["q"], 1)
     finally:
         stub.close()
+
+
+def test_client_waits_out_a_server_restart(caplog):
+    """Connections are refused for 3 s (the server is restarting), then it answers: the search
+    succeeds, each wait is logged, and nothing is raised."""
+    port = free_port()
+    hit = {"document": {"id": "1", "contents": "T\nbody"}, "score": 1.0}
+    started = {}
+
+    def start_later():
+        time.sleep(3.0)
+        started["stub"] = StubServer(lambda handler, n: reply(handler, 200, {"result": [[hit]]}), port=port)
+
+    threading.Thread(target=start_later, daemon=True).start()
+    client = HttpRetriever(f"http://127.0.0.1:{port}", timeout_s=2, retries=1, backoff_s=0.2, max_outage_s=60)
+    t0 = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING, logger="tspo_jax.retrieval.client"):
+            docs = client.search(["q"], 1)
+    finally:
+        for _ in range(50):
+            if "stub" in started:
+                break
+            time.sleep(0.1)
+        started["stub"].close()
+    assert docs[0][0].id == "1"
+    assert 3.0 <= time.monotonic() - t0 < 30.0
+    waits = [r for r in caplog.records if "retrying in" in r.getMessage()]
+    assert waits and all("max_outage_s=60" in r.getMessage() for r in waits)
+
+
+def test_outage_longer_than_max_outage_s_is_a_clear_error():
+    url = f"http://127.0.0.1:{free_port()}"  # nothing ever listens there
+    client = HttpRetriever(url, timeout_s=0.5, retries=0, backoff_s=0.05, max_outage_s=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(RetrieverError, match=r"attempt\(s\) over \d+s .*max_outage_s"):
+        client.search(["q"], 3)
+    assert 1.0 <= time.monotonic() - t0 < 10.0

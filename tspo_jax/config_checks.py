@@ -35,6 +35,17 @@ def _positive(c, *names):
             raise ConfigError(f"config.{n}={v!r} must be a positive integer")
 
 
+def _check_fault_settings(c: ml_collections.ConfigDict) -> None:
+    if c.get("checkpoint_async", "auto") not in ("auto", True, False):
+        raise ConfigError(f"checkpoint_async={c.checkpoint_async!r}: choose 'auto', True or False")
+    if not isinstance(c.get("restore_fallback", True), bool):
+        raise ConfigError(f"restore_fallback={c.restore_fallback!r} must be True or False")
+    _positive(c, *[k for k in ("max_nonfinite_steps",) if k in c])
+    outage = c.retriever.get("max_outage_s", 0.0)
+    if isinstance(outage, bool) or not isinstance(outage, (int, float)) or outage < 0:
+        raise ConfigError(f"retriever.max_outage_s={outage!r} must be a number of seconds >= 0")
+
+
 def validate_config(c: ml_collections.ConfigDict, *, check_files: bool = True, device_count: int | None = None) -> None:
     """Raises ConfigError naming the first bad key. `check_files=False` (the abstract planner)
     skips the existence of data and corpus files; `device_count` replaces the visible devices'
@@ -46,6 +57,7 @@ def validate_config(c: ml_collections.ConfigDict, *, check_files: bool = True, d
               "checkpoint_every", "keep_checkpoints")
     if c.mini_batch % c.micro_batch:
         raise ConfigError(f"mini_batch={c.mini_batch} must be a multiple of micro_batch={c.micro_batch}")
+    _check_fault_settings(c)
     rows = c.prompts_per_step * c.group_size
     if rows % c.mini_batch:
         raise ConfigError(f"prompts_per_step * group_size = {rows} trajectories must be a multiple of "

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 
 import numpy as np
 
-from tspo_jax import rewards
+from tspo_jax import paths, rewards
 
 
 def evaluate_examples(runner, params, examples, *, batch_size: int = 64) -> dict:
@@ -44,10 +43,8 @@ def format_table(metrics: dict) -> str:
 
 
 def save_table(result: dict, out_dir: str, name: str) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    md = os.path.join(out_dir, f"{name}.md")
-    with open(md, "w") as f:
-        f.write(format_table(result["metrics"]) + "\n")
-    return md
+    out_dir = paths.resolve(out_dir)
+    paths.write_text(out_dir / f"{name}.json", json.dumps(result, indent=1))
+    md = out_dir / f"{name}.md"
+    paths.write_text(md, format_table(result["metrics"]) + "\n")
+    return str(md)

@@ -10,6 +10,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
+from tspo_jax import paths
 from tspo_jax import sharding as shd
 from tspo_jax.checkpointing import restore_params
 from tspo_jax.model import params as params_lib
@@ -24,18 +25,16 @@ RUN_CONFIG = "run_config.json"
 
 def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, RUN_CONFIG), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        paths.write_text(paths.resolve(workdir) / RUN_CONFIG, config.to_json_best_effort(indent=2))
 
 
 def saved_rollout(workdir: str) -> dict | None:
     """The rollout settings (prompt template, chat template, ...) a workdir was trained with, or
     None for a workdir written before they were saved."""
-    path = os.path.join(workdir, RUN_CONFIG)
-    if not os.path.isfile(path):
+    path = paths.resolve(workdir) / RUN_CONFIG
+    if not path.is_file():
         return None
-    with open(path) as f:
-        return json.load(f).get("rollout")
+    return paths.read_json(path).get("rollout")
 
 
 def model_overrides(cfg: ml_collections.ConfigDict) -> dict:
@@ -70,17 +69,16 @@ def build_policy(cfg: ml_collections.ConfigDict, mesh: Mesh) -> tuple[qwen2.Qwen
 def save_policy_config(workdir: str, model: qwen2.Qwen2, tokenizer_dir: str) -> None:
     if jax.process_index() != 0:
         return
-    with open(os.path.join(workdir, POLICY_CONFIG), "w") as f:
-        json.dump({"hf_config": model.cfg.to_hf_config(), "tokenizer": os.path.abspath(tokenizer_dir)}, f, indent=2)
+    saved = {"hf_config": model.cfg.to_hf_config(), "tokenizer": os.path.abspath(tokenizer_dir)}
+    paths.write_text(paths.resolve(workdir) / POLICY_CONFIG, json.dumps(saved, indent=2))
 
 
 def abstract_policy(workdir: str, **overrides) -> tuple[qwen2.Qwen2, str]:
     """The model structure a training workdir was trained with, and its tokenizer directory."""
-    path = os.path.join(workdir, POLICY_CONFIG)
-    if not os.path.exists(path):
+    path = paths.resolve(workdir) / POLICY_CONFIG
+    if not path.exists():
         raise FileNotFoundError(f"{workdir} is not a tspo_jax training workdir (no {POLICY_CONFIG})")
-    with open(path) as f:
-        saved = json.load(f)
+    saved = paths.read_json(path)
     cfg = qwen2.Qwen2Config.from_hf_config(saved["hf_config"], **overrides)
     return qwen2.abstract_model(cfg), saved["tokenizer"]
 

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tspo_jax import checkpointing, data, rollout, sampling
+from tspo_jax import checkpointing, data, paths, rollout, sampling
 from tspo_jax import sharding as shd
 from tspo_jax import update as update_lib
 from tspo_jax.config_checks import validate_config
@@ -60,7 +60,8 @@ def make_sampler(graphdef: nnx.GraphDef, model_cfg: qwen2.Qwen2Config, tokenizer
 
 def build_retriever(cfg: ml_collections.ConfigDict, workdir: str | None) -> Retriever:
     """retriever.spec if given (URL or index dir); else an index of retriever.corpus, built once."""
-    return make_retriever(ensure_index(cfg, workdir), timeout_s=cfg.timeout_s, retries=cfg.retries)
+    return make_retriever(ensure_index(cfg, workdir), timeout_s=cfg.timeout_s, retries=cfg.retries,
+                          max_outage_s=cfg.get("max_outage_s", 600.0))
 
 
 def ensure_index(cfg: ml_collections.ConfigDict, workdir: str | None) -> str:
@@ -70,7 +71,13 @@ def ensure_index(cfg: ml_collections.ConfigDict, workdir: str | None) -> str:
         raise ValueError("set retriever.spec (a URL or an index directory) or retriever.corpus (a JSONL to index)")
     if not cfg.index_dir and not workdir:
         raise ValueError("retriever.index_dir is empty and there is no workdir to build the index in: set it")
-    index_dir = os.path.expanduser(cfg.index_dir or os.path.join(workdir, "index"))
+    if cfg.index_dir:
+        index_dir = os.path.expanduser(cfg.index_dir)
+    elif paths.is_remote(workdir):
+        # ScaNN reads its index from local disk: a gs:// run builds it once per host, in the cache.
+        index_dir = os.path.join(paths.local_cache_dir(), "index-" + paths.stable_hash(cfg.corpus, cfg.mode))
+    else:
+        index_dir = os.path.join(workdir, "index")
     # Process 0 builds while the others wait; a process whose disk does not share index_dir then
     # builds its own copy (the retriever runs on every host).
     if jax.process_index() == 0:
@@ -86,6 +93,15 @@ def _build_index_if_missing(cfg: ml_collections.ConfigDict, index_dir: str) -> N
         return
     log.info("building the %s index of %s into %s", cfg.mode, cfg.corpus, index_dir)
     build_index(cfg.corpus, index_dir, mode=cfg.mode, overwrite=True, progress=False)
+
+
+def resolve_async_checkpointing(config: ml_collections.ConfigDict) -> bool:
+    """checkpoint_async: "auto" saves in the background on accelerators (a 3B state with Adam is
+    ~37 GB, minutes of blocked steps) and synchronously on CPU, where a save is small."""
+    value = config.get("checkpoint_async", "auto")
+    if value == "auto":
+        return jax.default_backend() != "cpu"
+    return bool(value)
 
 
 def place_on_mesh(tree, mesh: Mesh):
@@ -199,10 +215,10 @@ class Runtime:
         mesh = mesh if mesh is not None else shd.make_mesh(tuple(config.mesh.shape))
         if abstract:
             graphdef, params, model_cfg, tokenizer = _abstract_policy_from_config(config.model, mesh)
-            workdir = os.path.abspath(workdir) if workdir else None
+            workdir = str(paths.resolve(workdir)) if workdir else None
         else:
-            workdir = os.path.abspath(workdir)
-            os.makedirs(workdir, exist_ok=True)
+            workdir = str(paths.resolve(workdir))
+            paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
             model, tokenizer = build_policy(config.model, mesh)
             graphdef, params, model_cfg = nnx.graphdef(model), params_of(model), model.cfg
             save_policy_config(workdir, model, config.model.tokenizer or config.model.checkpoint)
@@ -226,8 +242,8 @@ class Runtime:
             rt.train_examples = data.load_qa(config.data.train, prompt_source=source)
             rt.test_examples = data.load_qa(config.data.test, prompt_source=source) if config.data.test else []
             rt.checkpointer = checkpointing.Checkpointer(
-                os.path.join(workdir, checkpointing.CHECKPOINTS), keep=config.keep_checkpoints,
-                save_every=config.checkpoint_every)
+                str(paths.resolve(workdir) / checkpointing.CHECKPOINTS), keep=config.keep_checkpoints,
+                save_every=config.checkpoint_every, async_save=resolve_async_checkpointing(config))
         return rt
 
     @classmethod
@@ -241,8 +257,8 @@ class Runtime:
         """A policy to sample from: an HF checkpoint directory (config.json + safetensors) or a
         training workdir (policy_config.json + checkpoints/, params only). With `config` (evaluate):
         its mesh, retriever, greedy rollout and test data; without (generate): one device."""
-        path = os.path.expanduser(checkpoint_or_workdir)
-        if not os.path.isdir(path):
+        path = str(paths.resolve(checkpoint_or_workdir))
+        if not paths.resolve(path).is_dir():
             raise FileNotFoundError(f"{checkpoint_or_workdir!r} is not a directory: give an HF checkpoint "
                                     "directory or a tspo_jax training workdir")
         if config is not None:
@@ -259,7 +275,7 @@ class Runtime:
             model = params_lib.load_hf_checkpoint(path, mesh=mesh, **overrides)
             graphdef, params, model_cfg = nnx.graphdef(model), params_of(model), model.cfg
             tok_dir, source = tokenizer_dir or path, "hf"
-        elif os.path.isfile(os.path.join(path, POLICY_CONFIG)):
+        elif (paths.resolve(path) / POLICY_CONFIG).is_file():
             abstract, saved_tok_dir = abstract_policy(path, **overrides)
             graphdef, model_cfg = nnx.graphdef(abstract), abstract.cfg
             params = params_of(abstract)
@@ -311,10 +327,21 @@ class Runtime:
         just (params, step) with params_only."""
         if params_only:
             return self.checkpointer.restore_params(self.abstract_params(), step)
-        target = {"params": self.abstract_params(), "opt_state": self.abstract_opt_state(),
-                  "step": jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=NamedSharding(self.mesh, P()))}
-        state, meta = self.checkpointer.restore(target, step)
+        state, meta = self.checkpointer.restore(self._abstract_train_state(), step)
         return state["params"], state["opt_state"], meta
+
+    def restore_latest_intact(self, *, fallback: bool = True):
+        """(step, params, opt_state, meta) of the newest checkpoint that reads back, or None when
+        there is none; an unreadable newer step is named, set aside and skipped (see Checkpointer)."""
+        found = self.checkpointer.restore_latest_intact(self._abstract_train_state(), fallback=fallback)
+        if found is None:
+            return None
+        step, state, meta = found
+        return step, state["params"], state["opt_state"], meta
+
+    def _abstract_train_state(self) -> dict:
+        return {"params": self.abstract_params(), "opt_state": self.abstract_opt_state(),
+                "step": jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=NamedSharding(self.mesh, P()))}
 
     @property
     def shapes(self) -> StepShapes:

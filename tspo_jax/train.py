@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 import time
 
@@ -22,11 +21,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from tspo_jax import advantages as adv_lib
-from tspo_jax import data, evaluation, rewards, rollout, run_flags
+from tspo_jax import data, evaluation, paths, rewards, rollout, run_flags
 from tspo_jax import sharding as shd
 from tspo_jax import update as update_lib
 from tspo_jax import warmstart
@@ -73,18 +73,20 @@ class Trainer:
         self.ref_params = jax.tree.map(jnp.copy, self.params) if self.config.loss.kl_coef else None
         self.opt_state = rt.init_opt_state(self.params)
         self.stream = data.PromptStream(rt.train_examples, self.config.prompts_per_step, self.config.seed)
-        latest = rt.checkpointer.latest_step()
-        if latest is None:
+        found = rt.restore_latest_intact(fallback=self.config.get("restore_fallback", True))
+        if found is None:
+            self.metrics.truncate_after(-1)  # rows of a run killed before its first checkpoint
             return 0
-        self.params, self.opt_state, meta = rt.restore(latest)
+        latest, self.params, self.opt_state, meta = found
         self.stream = data.PromptStream.from_state(rt.train_examples, meta["data"])
         self.metrics.truncate_after(latest)
         log.info("resumed from step %d in %s", latest, rt.checkpointer.directory)
         return latest
 
-    def _save(self, step: int, force: bool = False):
-        self.rt.checkpointer.save(step, self.train_state(step), {"data": self.stream.state(), "step": step},
-                                  force=force)
+    def _save(self, step: int, data_state: dict, force: bool = False) -> bool:
+        """Saves `step`; `data_state` is the prompt stream's position right after that step."""
+        return self.rt.checkpointer.save(step, self.train_state(step), {"data": data_state, "step": step},
+                                         force=force)
 
     # --- one step --------------------------------------------------------------------------------
     def step(self, step: int) -> dict:
@@ -144,6 +146,8 @@ class Trainer:
         timing["timing_s/step"] = time.perf_counter() - t_step
 
         metrics = {k: float(np.mean([float(m[k]) for m in update_metrics])) for k in update_metrics[0]}
+        # A count, not a mean: how many of this step's updates were skipped as non-finite.
+        metrics["actor/nonfinite_skips"] = float(sum(float(m["actor/nonfinite_skips"]) for m in update_metrics))
         metrics.update({k: float(v) for k, v in adv_metrics.items()})
         metrics.update(timing)
         n_tokens = int(packed["valid"].sum())
@@ -177,7 +181,7 @@ class Trainer:
         result = evaluation.evaluate_examples(runner, self.params_for_sampling(), examples,
                                               batch_size=self.config.eval.batch_size)
         if self.is_main:
-            evaluation.save_table(result, os.path.join(self.workdir, "eval"), f"step_{step}")
+            evaluation.save_table(result, str(paths.resolve(self.workdir) / "eval"), f"step_{step}")
         return result
 
     # --- loop -------------------------------------------------------------------------------------
@@ -185,11 +189,25 @@ class Trainer:
         log.warning("SIGTERM: saving a checkpoint after the current step, then exiting")
         self._stop_requested = True
 
+    def _preempted(self, step: int) -> bool:
+        """Whether to save `step` and stop. Multi-host: JAX's preemption sync (the coordination
+        service relays one host's SIGTERM to all, and every host answers True at the same step).
+        One process: our own SIGTERM flag."""
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._stop_requested
+
     def train(self) -> dict:
         cfg = self.config
         start = self.init_or_restore()
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # Multi-host, JAX's preemption notifier owns SIGTERM: a handler of ours would replace it.
+        own_handler = jax.process_count() == 1
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if own_handler else None
         last = {}
+        # The last completed step and the prompt stream's position after it: what is saved if a
+        # later step fails. `saved` is the newest step on disk (or being written).
+        done, done_data, saved = start, self.stream.state(), start
+        nonfinite_streak = 0
         try:
             if start == 0 and cfg.eval.every and self.rt.test_examples:
                 last.update(_prefix(self.evaluate(0)["metrics"], "val/"))
@@ -198,25 +216,62 @@ class Trainer:
                        desc="tspo", disable=not self.is_main or not cfg.progress_bar)
             for step in bar:
                 metrics = self.step(step)
+                done, done_data = step, self.stream.state()
                 if cfg.eval.every and self.rt.test_examples and (step % cfg.eval.every == 0 or step == cfg.total_steps):
                     metrics.update(_prefix(self.evaluate(step)["metrics"], "val/"))
                 last = self.metrics.write(step, metrics)
                 bar.set_postfix(reward=f"{metrics['critic/score/mean']:.3f}",
                                 homog=f"{metrics['adv/homogenized_group_frac']:.2f}")
-                self._save(step, force=step == cfg.total_steps or self._stop_requested)
-                if self._stop_requested:
+                nonfinite_streak = nonfinite_streak + 1 if metrics.get("actor/nonfinite_skips", 0) else 0
+                too_many_nonfinite = nonfinite_streak >= cfg.get("max_nonfinite_steps", 3)
+                preempted = self._preempted(step)
+                if self._save(step, done_data, force=step == cfg.total_steps or preempted or too_many_nonfinite):
+                    saved = step
+                if too_many_nonfinite:
+                    raise NonFiniteError(
+                        f"the loss or the gradients were non-finite in {nonfinite_streak} consecutive steps "
+                        f"(up to step {step}); those updates were skipped and step {step} is saved. Lower "
+                        "optim.lr, check the advantages and rewards for NaN, or raise max_nonfinite_steps")
+                if preempted:
                     log.warning("stopped by SIGTERM after step %d; rerun the same command to resume", step)
                     break
+        except BaseException:
+            # Save the last completed step on the way out (a retriever outage, any error in a
+            # step): the rerun then continues from it instead of from the last periodic save.
+            # Multi-host, a save is collective and an error may be one host's alone: there the
+            # preemption sync and the periodic saves are what protect the run.
+            if done > saved and jax.process_count() == 1:
+                self._save_on_the_way_out(done, done_data)
+            raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
-        if self.is_main and os.path.exists(self.metrics.path):
-            plot_training(read_metrics(self.metrics.path), os.path.join(self.workdir, "training.png"),
-                          title=f"{cfg.advantage.name} - {os.path.basename(self.workdir)}")
+            if own_handler:
+                signal.signal(signal.SIGTERM, previous)
+        if self.is_main and paths.resolve(self.metrics.path).exists():
+            plot_training(read_metrics(self.metrics.path), str(paths.resolve(self.workdir) / "training.png"),
+                          title=f"{cfg.advantage.name} - {paths.resolve(self.workdir).name}")
         return last
+
+    def _save_on_the_way_out(self, step: int, data_state: dict) -> None:
+        leaves = jax.tree.leaves((self.params, self.opt_state))
+        if any(getattr(x, "is_deleted", lambda: False)() for x in leaves):
+            # A failed update had already consumed (donated) the step's arrays.
+            log.error("cannot save step %d on the way out: the failed update consumed its parameters; "
+                      "the rerun resumes from the last saved step", step)
+            return
+        try:
+            self._save(step, data_state, force=True)
+            self.rt.checkpointer.wait_until_finished()
+            log.warning("saved step %d on the way out; rerun the same command to resume from it", step)
+        except Exception as e:  # noqa: BLE001 - the original error is what the user must see
+            log.error("could not save step %d on the way out: %s", step, e)
 
     def close(self):
         self.rt.close()
         self.metrics.close()
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 def _prefix(d: dict, prefix: str) -> dict:

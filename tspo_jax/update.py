@@ -161,18 +161,25 @@ class PolicyUpdater:
         def body(acc, mb):
             (loss, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, mb)
             acc = jax.tree.map(jnp.add, acc, grads)
-            return acc, metrics
+            return acc, (loss, metrics)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, metrics = jax.lax.scan(body, zeros, micro)
+        grads, (micro_losses, metrics) = jax.lax.scan(body, zeros, micro)
         # With mini-batch normalisers the micro-batch values add up to the mini-batch's.
         metrics = {k: jnp.max(v) if k == "actor/ratio_max" else jnp.sum(v) for k, v in metrics.items()}
         metrics["actor/grad_norm"] = optax.global_norm(grads)
         if lr is not None:
             opt_state = optax.tree_utils.tree_set(opt_state, learning_rate=lr)
             metrics["actor/lr"] = lr
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        updates, new_opt_state = self.tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite loss or gradient is never applied: the update is skipped (params and Adam
+        # moments stay as they were) and counted; the trainer stops after max_nonfinite_steps.
+        finite = jnp.isfinite(jnp.sum(micro_losses)) & jnp.isfinite(metrics["actor/grad_norm"])
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree.map(keep, new_params, params)
+        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        metrics["actor/nonfinite_skips"] = 1.0 - finite.astype(jnp.float32)
         return params, opt_state, metrics
 
     # --- supervised warm start ------------------------------------------------------------------

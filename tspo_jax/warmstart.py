@@ -17,13 +17,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-import os
 import time
 
 import ml_collections
 import numpy as np
 
-from tspo_jax import checkpointing, rollout
+from tspo_jax import checkpointing, paths, rollout
 from tspo_jax import update as update_lib
 from tspo_jax.retrieval import OBSERVATION_HEAD, OBSERVATION_TAIL
 from tspo_jax.runtime import Runtime
@@ -100,9 +99,9 @@ def maybe_warm_start(rt: Runtime, cfg: ml_collections.ConfigDict):
     """The run's params after the warm start: loaded if already done, else trained and saved."""
     if not cfg.steps:
         return rt.params
-    directory = os.path.abspath(os.path.expanduser(cfg.from_dir or os.path.join(rt.workdir, "warmstart")))
-    target = os.path.join(directory, "params")
-    if os.path.exists(target):
+    directory = paths.resolve(cfg.from_dir or paths.resolve(rt.workdir) / "warmstart")
+    target = str(directory / "params")
+    if (directory / "params").exists():
         params = checkpointing.restore_tree(target, rt.abstract_params())
         log.info("warm start loaded from %s", directory)
         return params
@@ -129,6 +128,6 @@ def maybe_warm_start(rt: Runtime, cfg: ml_collections.ConfigDict):
         if step % max(cfg.steps // 10, 1) == 0 or step == cfg.steps - 1:
             log.info("warm start step %d/%d: loss %.4f", step + 1, cfg.steps, float(m["sft/loss"]))
     log.info("warm start: %d steps in %.1f s", cfg.steps, time.perf_counter() - t0)
-    os.makedirs(directory, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     checkpointing.save_tree(target, params)
     return params

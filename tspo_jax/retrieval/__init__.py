@@ -34,11 +34,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def make_retriever(spec: str, *, timeout_s: float = 30.0, retries: int = 2) -> Retriever:
+def make_retriever(spec: str, *, timeout_s: float = 30.0, retries: int = 2, max_outage_s: float = 600.0) -> Retriever:
     """'http(s)://host:port[/retrieve]' -> HttpRetriever; an index directory -> LocalRetriever."""
     spec = str(spec)
     if spec.startswith(("http://", "https://")):
-        return HttpRetriever(spec, timeout_s=timeout_s, retries=retries)
+        return HttpRetriever(spec, timeout_s=timeout_s, retries=retries, max_outage_s=max_outage_s)
     if os.path.isdir(spec):
         from tspo_jax.retrieval.local import LocalRetriever
 
