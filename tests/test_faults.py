@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -16,27 +15,10 @@ import numpy as np
 import pytest
 from etils import epath
 
-from tests.gcs_emulator import GcsEmulator
 from tspo_jax import paths
 from tspo_jax.checkpointing import CheckpointError, Checkpointer, abstract_like
 from tspo_jax.metrics import MetricsWriter, read_metrics
 
-
-@pytest.fixture(scope="module")
-def gcs():
-    emulator = GcsEmulator()
-    saved = {k: os.environ.get(k) for k in emulator.env}
-    os.environ.update(emulator.env)
-    try:
-        yield emulator
-    finally:
-        gc.collect()  # tensorboardX's GCS writer uploads again when collected: before the server goes
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        emulator.close()
 
 
 def _state(seed):

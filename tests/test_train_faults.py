@@ -3,7 +3,6 @@ shrunken demo run of test_train.py, and the resumed run's next step equals the u
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import threading
@@ -13,7 +12,6 @@ import jax
 import numpy as np
 import pytest
 
-from tests.gcs_emulator import GcsEmulator
 from tests.test_faults import _truncate_largest_array_file
 from tests.test_train import run, tiny_config
 from tspo_jax import paths, rollout
@@ -160,22 +158,6 @@ def test_a_retriever_restart_is_waited_out(index_dir, uninterrupted, tmp_path):
     rows = read_metrics(os.path.join(wd, "metrics.jsonl"))
     _assert_steps_equal(rows, uninterrupted, [1, 2, 3])
 
-
-@pytest.fixture(scope="module")
-def gcs():
-    emulator = GcsEmulator()
-    saved = {k: os.environ.get(k) for k in emulator.env}
-    os.environ.update(emulator.env)
-    try:
-        yield emulator
-    finally:
-        gc.collect()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        emulator.close()
 
 
 def test_a_gs_workdir_trains_is_killed_and_resumes(index_dir, uninterrupted, gcs):
