@@ -82,6 +82,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         if value % batch_devices:
             raise ConfigError(f"{name}={value} must be a multiple of the data x fsdp devices "
                               f"({batch_devices}) the batch is split over")
+    if rcfg.slots % batch_devices:
+        raise ConfigError(f"rollout.slots={rcfg.slots} must be a multiple of the data x fsdp devices "
+                          f"({batch_devices}) the decode slots are split over (0: one slot per row)")
     chunk = c.model.get("attention_chunk", 1)
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise ConfigError(f"model.attention_chunk={chunk!r} must be a positive int (query positions per "
