@@ -190,6 +190,7 @@ class Sampler:
         self.compile_counts: Counter = Counter()
         self.prefill_fn = jax.jit(self._prefill_impl, static_argnames=("max_len",))
         self.refill_fn = jax.jit(self._refill_impl, donate_argnames=("gen",))
+        self._init_fn = jax.jit(self._init_impl, static_argnames=("slots", "max_len"))
         self.append_fn = jax.jit(self._append_impl, donate_argnames=("gen",), static_argnames=("attend_len",))
         self.decode_fn = jax.jit(
             self._decode_impl,
@@ -361,9 +362,11 @@ class Sampler:
 
     def init_slots(self, slots: int, max_len: int) -> GenState:
         """An empty cache of `slots` rows (the rollout's decode slots), placed on the mesh."""
-        gen = jax.jit(lambda: GenState(self._constrain(KVCache.init(self.cfg, slots, max_len)),
-                                       jnp.zeros((slots, self.cfg.vocab_size), jnp.float32)))()
-        return gen
+        return self._init_fn(slots=slots, max_len=max_len)
+
+    def _init_impl(self, slots, max_len):
+        cache = self._constrain(KVCache.init(self.cfg, slots, max_len))
+        return GenState(cache, jnp.zeros((slots, self.cfg.vocab_size), jnp.float32))
 
     def refill(self, state, gen: GenState, slots, tokens, valid) -> GenState:
         """Empties cache rows `slots` ([R] ids; an id >= the slot count is a padding row) and
