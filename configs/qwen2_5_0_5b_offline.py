@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data.train = str(paths["train"])
     c.data.test = str(paths["test"])
+    c.data.prompt_source = "template"  # the demo files hold questions, no chat messages
 
     # The demo retriever: the packaged all-MiniLM-L6-v2 and a ScaNN index of the demo corpus,
     # built into index_dir on first use.
@@ -68,7 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.max_prompt_length = 256
     c.rollout.max_context_length = 0  # 0: enough for every turn at full length
     c.rollout.use_chat_template = True  # an instruct model
-    c.reward.num_turns = c.rollout.max_turns + 1
+    c.rollout.template = "tspo"  # our wording (rollout.PROMPT_PRESETS)
+    c.rollout.invalid_action_message = "tspo"
 
     c.eval.every = 10
     c.eval.max_examples = 16

@@ -18,7 +18,7 @@ import os
 
 import ml_collections
 
-from tspo_jax import advantages, losses, rewards, rollout
+from tspo_jax import advantages, losses, rewards
 from tspo_jax.model import qwen2
 
 # Device meshes, (data, fsdp, tensor). Parameters are sharded over fsdp x tensor, batches over
@@ -101,7 +101,9 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
     c.prompts_per_step = 512  # data.train_batch_size
     c.group_size = 5  # n rollouts per prompt (rollout.n_agent)
     c.mini_batch = 256  # trajectories per optimizer step: 2560 / 256 = 10 updates per step
-    # Rows per gradient-accumulation slice: memory only, the update is the same for any value.
+    # Rows per gradient-accumulation slice: memory only. Every loss aggregation divides by the
+    # mini-batch's counts (verl's agg_loss), so the update is the same for any value (up to float
+    # rounding; tests/test_update.py checks micro_batch m, m/2, m/4).
     c.micro_batch = micro_batch
     c.ppo_epochs = 1
     # The sampler (KV-cache decode) and the trainer (full forward) round differently in bf16, so
@@ -131,7 +133,10 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
 
     data_dir = os.path.expanduser(os.environ.get(DATA_DIR_ENV, "").strip() or DEFAULT_DATA_DIR)
     c.data = ml_collections.ConfigDict(
-        {"train": os.path.join(data_dir, "train.parquet"), "test": os.path.join(data_dir, "test.parquet")}
+        {"train": os.path.join(data_dir, "train.parquet"), "test": os.path.join(data_dir, "test.parquet"),
+         # Search-R1's parquet rows carry the exact prompt (its instruction + the question) as chat
+         # messages: use them, through the chat template, as verl does.
+         "prompt_source": "column"}
     )
 
     c.retriever = ml_collections.ConfigDict()
@@ -152,7 +157,7 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
             # Search-R1 caps the rolling context at data.max_prompt_length=4096 before each 500-token
             # turn; 4096 + 500 rounded up to a multiple of 64 is the same budget for our KV cache.
             max_context_length=4608,
-            topk=3,
+            docs_per_search=3,
             temperature=1.0,
             top_p=1.0,
             top_k=0,
@@ -165,16 +170,20 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
             slots=640,
             decode_chunk=64,  # most decode steps per compiled call before the host looks again
             on_retriever_error="raise",  # a dead retriever stops the run; rerun resumes
-            template=rollout.DEFAULT_TEMPLATE,
+            # Search-R1's instruction (nq_search.py's 'base' prefix); used for question-only files
+            # (--config.data.prompt_source=template) and by generate/compare on this workdir.
+            template="search_r1",
             # Search-R1's verl applies the tokenizer's chat template; Qwen2.5 base tokenizers have one too.
             use_chat_template=True,
+            # Search-R1's message after an invalid action ("My previous action is invalid. ...").
+            invalid_action_message="search_r1",
         )
     )
 
-    c.warmstart = ml_collections.ConfigDict(dict(steps=0, lr=1e-5, batch_size=16, seed=0, from_dir=""))
+    c.warmstart = ml_collections.ConfigDict(dict(steps=0, lr=1e-5, batch_size=16, seed=0, from_dir="",
+                                                 demonstrations=""))
 
     c.reward = rewards.default_config()  # EM, FOLR alpha 0.5 (TSPO.md)
-    c.reward.num_turns = c.rollout.max_turns + 1
     c.advantage = advantages.default_config()  # name = "tspo"
     c.loss = losses.default_config()  # PPO clip 0.2, low_var_kl
     c.loss.kl_coef = 0.001  # actor.kl_loss_coef, kl_loss_type=low_var_kl
@@ -186,8 +195,9 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
         dict(
             lr=1e-6,
             schedule="constant",
+            # int(0.285 * 1005) = 286 warm-up *training steps*: the rate is set once per step
+            # and shared by its 10 updates, as Search-R1's scheduler steps once per step.
             warmup_ratio=0.285,
-            warmup_steps=None,
             weight_decay=0.01,
             b1=0.9,
             b2=0.999,

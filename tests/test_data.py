@@ -1,5 +1,4 @@
 """tspo_jax.data: Search-R1 QA loading, array_record round trips, the resumable prompt stream."""
-import hashlib
 import json
 import random
 import subprocess
@@ -38,8 +37,8 @@ def _random_rows(n, seed, with_ids=True):
 
 def _expected(rows):
     out = []
-    for r in rows:
-        rid = r.get("id") or hashlib.sha1(r["question"].strip().encode()).hexdigest()[:16]
+    for i, r in enumerate(rows):
+        rid = r.get("id") or f"row-{i}"
         out.append(QAExample(uid=f"{r['data_source']}/{rid}", question=r["question"].strip(),
                              golds=list(r["golden_answers"]), data_source=r["data_source"]))
     return out
@@ -94,8 +93,7 @@ def test_jsonl_round_trip_with_and_without_ids(tmp_path):
     got = load_qa(path)
     assert got == _expected(rows)
     assert got[4].uid == f"{rows[4]['data_source']}/12345"
-    assert got[0].uid == (f"{rows[0]['data_source']}/"
-                          f"{hashlib.sha1(rows[0]['question'].encode()).hexdigest()[:16]}")
+    assert got[0].uid == f"{rows[0]['data_source']}/row-0"  # no id: the row (issue 12, finding 6)
 
 
 def test_parquet_and_jsonl_agree(tmp_path):
@@ -109,6 +107,21 @@ def test_same_question_in_two_data_sets_gets_two_uids(tmp_path):
             {"question": "Who?", "golden_answers": ["x"], "data_source": "triviaqa"}]
     uids = [ex.uid for ex in load_qa(_write_jsonl(tmp_path / "a.jsonl", rows))]
     assert len(set(uids)) == 2
+
+
+def test_test_set_without_ids_and_with_repeated_questions_loads(tmp_path):
+    """Finding 6: FlashRAG-style test sets may lack `id` and repeat a question; the uid is then
+    (data_source, row), so loading does not fail and every row keeps its own group."""
+    rows = [{"question": "Who wrote Ozymandias?", "golden_answers": ["Shelley"], "data_source": "popqa"},
+            {"question": "Who wrote Ozymandias?", "golden_answers": ["Percy Shelley"], "data_source": "popqa"},
+            {"question": "Who wrote Ozymandias?", "golden_answers": ["Shelley"], "data_source": "nq"},
+            {"question": "Capital of France?", "golden_answers": ["Paris"], "data_source": "popqa"}]
+    for path in (_write_jsonl(tmp_path / "t.jsonl", rows), tmp_path / "t.parquet"):
+        if path.suffix == ".parquet":
+            pq.write_table(pa.table({k: [r[k] for r in rows] for k in rows[0]}), path)
+        got = load_qa(path)
+        assert [ex.uid for ex in got] == ["popqa/row-0", "popqa/row-1", "nq/row-2", "popqa/row-3"]
+        assert [ex.golds for ex in got] == [r["golden_answers"] for r in rows]
 
 
 def test_golds_are_cleaned(tmp_path):

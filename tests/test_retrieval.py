@@ -465,7 +465,6 @@ def test_server_speaks_search_r1_json(server, local, minilm_index):
 @pytest.mark.parametrize(
     "payload,message",
     [
-        ({"queries": [], "topk": 3}, "queries is empty"),
         ({"queries": ["q"], "topk": 31}, "exceeds the corpus size"),
         ({"queries": ["q"], "topk": -2}, "positive integer"),
         ({"queries": "q", "topk": 3}, "JSON list of strings"),
@@ -476,6 +475,19 @@ def test_server_rejects_bad_requests_with_400(server, payload, message):
     with pytest.raises(urllib.error.HTTPError) as e:
         post(server.url, payload)
     assert e.value.code == 400 and re.search(message, json.loads(e.value.read())["error"])
+
+
+def test_server_answers_search_r1s_empty_batch(server):
+    """Search-R1's trainer posts every turn, also when no row searched: exactly its request, by
+    `requests` as its generation.py sends it, must get 200 {"result": []} (Search-R1's answer)."""
+    import requests
+
+    payload = {"queries": [], "topk": 3, "return_scores": True}
+    response = requests.post(server.url + "/retrieve", json=payload, timeout=10)
+    assert response.status_code == 200 and response.json() == {"result": []}
+    assert post(server.url, {"queries": [], "topk": 3, "return_scores": False}) == {"result": []}
+    # A non-empty request right after still works.
+    assert len(post(server.url, {"queries": ["alpha"], "topk": 3, "return_scores": True})["result"]) == 1
 
 
 def test_client_reports_server_rejection_without_retrying(server):

@@ -89,7 +89,6 @@ def obs(*docs):
 
 def cfg(**folr):
     c = R.default_config()
-    c.num_turns = 4
     for k, v in folr.items():
         setattr(c.folr, k, v)
     return c
@@ -263,7 +262,7 @@ def four_turns(hit_turn, answer="Percy Shelley", policy_mentions=False):
 
 
 def test_gold_in_turn_2_of_4():
-    rb = R.compute_rewards([four_turns(hit_turn=1)], cfg())
+    rb = R.compute_rewards([four_turns(hit_turn=1)], cfg(), num_turns=4)
     assert rb.first_occurrence[0] == 1
     assert rb.em[0] == 0.0
     np.testing.assert_allclose(rb.turn_returns[0], [0.5, 0.5, 0.0, 0.0])
@@ -271,7 +270,7 @@ def test_gold_in_turn_2_of_4():
 
 
 def test_correct_episode_gets_outcome_on_every_turn():
-    rb = R.compute_rewards([four_turns(hit_turn=1, answer="mary shelley.")], cfg())
+    rb = R.compute_rewards([four_turns(hit_turn=1, answer="mary shelley.")], cfg(), num_turns=4)
     assert rb.em[0] == 1.0 and rb.first_occurrence[0] == 1
     np.testing.assert_allclose(rb.turn_returns[0], [1.0] * 4)
 
@@ -281,22 +280,22 @@ def test_gold_only_in_question_is_ignored():
     ep = make_episode(
         q, ["Mary Shelley"], [("<search>x</search>", obs("Mary Shelley wrote it.")), ("", None)], "no"
     )
-    assert R.compute_rewards([ep], cfg()).first_occurrence[0] == -1
-    assert R.compute_rewards([ep], cfg(guard_question=False)).first_occurrence[0] == 0
+    assert R.compute_rewards([ep], cfg(), num_turns=4).first_occurrence[0] == -1
+    assert R.compute_rewards([ep], cfg(guard_question=False), num_turns=4).first_occurrence[0] == 0
 
 
 def test_gold_shorter_than_minimum_is_ignored():
     ep = make_episode(
         "Is Rome in Italy?", ["yes"], [("<search>x</search>", obs("Yes, Rome is there.")), ("", None)], "no"
     )
-    assert R.compute_rewards([ep], cfg()).first_occurrence[0] == -1  # "yes" has 3 < 4 chars
-    assert R.compute_rewards([ep], cfg(min_answer_chars=3)).first_occurrence[0] == 0
+    assert R.compute_rewards([ep], cfg(), num_turns=4).first_occurrence[0] == -1  # "yes" has 3 < 4 chars
+    assert R.compute_rewards([ep], cfg(min_answer_chars=3), num_turns=4).first_occurrence[0] == 0
 
 
 def test_gold_in_policy_text_counts_only_under_scope_all():
     ep = four_turns(hit_turn=-1, policy_mentions=True)
-    assert R.compute_rewards([ep], cfg(scope="information")).first_occurrence[0] == -1
-    rb = R.compute_rewards([ep], cfg(scope="all"))
+    assert R.compute_rewards([ep], cfg(scope="information"), num_turns=4).first_occurrence[0] == -1
+    rb = R.compute_rewards([ep], cfg(scope="all"), num_turns=4)
     assert rb.first_occurrence[0] == 0
     np.testing.assert_allclose(rb.turn_returns[0], [0.5, 0.0, 0.0, 0.0])
 
@@ -309,17 +308,17 @@ def test_aliases_punctuation_and_articles_in_documents():
         [("<search>abbey road</search>", obs("Abbey Road is an album by the Beatles!")), ("", None)],
         "x",
     )
-    assert R.compute_rewards([ep], cfg()).first_occurrence[0] == 0
+    assert R.compute_rewards([ep], cfg(), num_turns=4).first_occurrence[0] == 0
     ep = make_episode(
         "Which country?", ["U.S.A."], [("<search>q</search>", obs("It is in the USA.")), ("", None)], "x"
     )
-    assert R.compute_rewards([ep], cfg(min_answer_chars=3)).first_occurrence[0] == 0
+    assert R.compute_rewards([ep], cfg(min_answer_chars=3), num_turns=4).first_occurrence[0] == 0
 
 
 def test_word_match_mode_rejects_partial_words():
     ep = make_episode("Where?", ["Paris"], [("<search>q</search>", obs("A Parisian cafe.")), ("", None)], "x")
-    assert R.compute_rewards([ep], cfg(match="substring")).first_occurrence[0] == 0
-    assert R.compute_rewards([ep], cfg(match="word")).first_occurrence[0] == -1
+    assert R.compute_rewards([ep], cfg(match="substring"), num_turns=4).first_occurrence[0] == 0
+    assert R.compute_rewards([ep], cfg(match="word"), num_turns=4).first_occurrence[0] == -1
 
 
 def test_one_turn_episode_and_disabled_folr():
@@ -328,13 +327,13 @@ def test_one_turn_episode_and_disabled_folr():
     assert rb.turn_returns.shape == (1, 3)
     np.testing.assert_array_equal(rb.turn_valid[0], [True, False, False])
     np.testing.assert_allclose(rb.turn_returns[0], [0.0, 0.0, 0.0])
-    off = R.compute_rewards([four_turns(hit_turn=0)], cfg(enabled=False))
+    off = R.compute_rewards([four_turns(hit_turn=0)], cfg(enabled=False), num_turns=4)
     assert off.first_occurrence[0] == -1
     np.testing.assert_allclose(off.turn_returns[0], [0.0] * 4)
 
 
 def test_alpha_is_used():
-    rb = R.compute_rewards([four_turns(hit_turn=2)], cfg(alpha=0.25))
+    rb = R.compute_rewards([four_turns(hit_turn=2)], cfg(alpha=0.25), num_turns=4)
     np.testing.assert_allclose(rb.turn_returns[0], [0.25, 0.25, 0.25, 0.0])
 
 
@@ -386,12 +385,12 @@ def episodes(draw):
 @settings(max_examples=60, deadline=None)
 def test_compute_rewards_matches_reference(eps, scope, min_chars, guard, match, alpha):
     c = cfg(scope=scope, min_answer_chars=min_chars, guard_question=guard, match=match, alpha=alpha)
-    rb = R.compute_rewards(eps, c)
+    rb = R.compute_rewards(eps, c, num_turns=4)
     for i, ep in enumerate(eps):
         answer = ref_extract(ep.response_text)
         em = ref_em(answer, ep.golds)
         k_star = ref_first_occurrence(ep, scope, min_chars, guard, match == "word")
-        assert rb.answers[i] == answer
+        assert R.extract_answer(ep.response_text) == answer
         assert rb.em[i] == em and rb.outcome[i] == em
         assert rb.first_occurrence[i] == k_star
         np.testing.assert_allclose(
@@ -408,13 +407,13 @@ def test_compute_rewards_matches_reference(eps, scope, min_chars, guard, match, 
 def test_bad_config_and_episodes_raise_clear_errors():
     ep = four_turns(hit_turn=1)
     with pytest.raises(ValueError, match=r"scope='foo'.*\('information', 'all'\)"):
-        R.compute_rewards([ep], cfg(scope="foo"))
+        R.compute_rewards([ep], cfg(scope="foo"), num_turns=4)
     with pytest.raises(ValueError, match="match="):
-        R.compute_rewards([ep], cfg(match="regex"))
+        R.compute_rewards([ep], cfg(match="regex"), num_turns=4)
     with pytest.raises(ValueError, match="alpha"):
-        R.compute_rewards([ep], cfg(alpha=2.0))
+        R.compute_rewards([ep], cfg(alpha=2.0), num_turns=4)
     with pytest.raises(ValueError, match="min_answer_chars"):
-        R.compute_rewards([ep], cfg(min_answer_chars=0))
+        R.compute_rewards([ep], cfg(min_answer_chars=0), num_turns=4)
     with pytest.raises(ValueError, match="4 turns but num_turns"):
         R.compute_rewards([ep], cfg(), num_turns=2)
     with pytest.raises(ValueError, match="list of aliases"):
@@ -424,7 +423,7 @@ def test_bad_config_and_episodes_raise_clear_errors():
     with pytest.raises(ValueError, match="observations"):
         R.EpisodeText("q", ["a"], "nq", ["t", "u"], [None], "tu")
     with pytest.raises(TypeError, match="EpisodeText"):
-        R.compute_rewards([{"question": "q"}], cfg())
+        R.compute_rewards([{"question": "q"}], cfg(), num_turns=4)
 
 
 def test_golds_from_numpy_array_are_accepted():
@@ -432,4 +431,71 @@ def test_golds_from_numpy_array_are_accepted():
         "q", np.array(["Paris", "paris"]), "nq", ["<answer>Paris</answer>"], [None], "<answer>Paris</answer>"
     )
     assert ep.golds == ["Paris", "paris"]
-    assert R.compute_rewards([ep], cfg()).em[0] == 1.0
+    assert R.compute_rewards([ep], cfg(), num_turns=4).em[0] == 1.0
+
+
+
+def _runner_episode(turns, question):
+    """An Episode as rollout.EpisodeRunner leaves it: turns (action, text, observation, docs)."""
+    from tspo_jax import rollout
+
+    recs = [rollout.Turn(action=a, policy_span=(0, 0), obs_span=None, text=t, observation=o, docs=d,
+                         query="q" if a == "search" else None) for a, t, o, d in turns]
+    ep = rollout.Episode(uid="u", prompt_len=0, tokens=[], loss_mask=[], turn_ids=[], logprobs=[], turns=recs,
+                         answer=None, stop_reason="answer")
+    return ep, question
+
+
+@pytest.mark.parametrize("alias", ["search", "answer", "valid", "again", "failed"])
+def test_folr_scans_only_retrieved_documents(alias):
+    """Finding 4: the invalid-action message and a "Search failed: ..." observation (on_retriever_error
+    = "observe") were not retrieved, so an alias they contain has no first occurrence there."""
+    from tspo_jax import rollout
+    from tspo_jax.retrieval.base import Doc, format_docs
+    from tspo_jax.train import episode_texts
+
+    docs = [Doc("1", "Ozymandias", "a sonnet by Percy Shelley, published in 1818", 0.9)]
+    failed = "Search failed: retriever timed out, try again"
+    info = lambda body: f"\n\n<information>{body}</information>\n\n"  # noqa: E731
+    turns = [
+        ("invalid", "I think", rollout.INVALID_ACTION_MESSAGE, []),
+        ("search", "<search> who wrote it </search>", info(failed), []),  # observe mode: no docs
+        ("search", "<search> ozymandias author </search>", info(format_docs(docs)), docs),
+        ("answer", "<answer> Keats </answer>", None, []),
+    ]
+    assert alias in (rollout.INVALID_ACTION_MESSAGE + failed).lower()  # the trap is real
+    ep, question = _runner_episode(turns, "Who wrote the poem Ozymandias?")
+
+    class Ex:
+        pass
+
+    ex = Ex()
+    ex.question, ex.golds, ex.data_source = question, [alias], "nq"
+    rb = R.compute_rewards(episode_texts([ep], [ex]), cfg(min_answer_chars=1), num_turns=4)
+    assert rb.first_occurrence.tolist() == [-1] and rb.turn_returns[0].tolist() == [0, 0, 0, 0]
+    # Control: an alias in the retrieved documents is found, at the turn that retrieved them.
+    ex.golds = [alias, "Percy Shelley"]
+    rb = R.compute_rewards(episode_texts([ep], [ex]), cfg(min_answer_chars=1), num_turns=4)
+    assert rb.first_occurrence.tolist() == [2]
+
+
+def _search_r1_extract_solution(solution_str):
+    """Search-R1's qa_em.extract_solution (behaviour restated): the last match, if >= 2 matches."""
+    matches = list(re.finditer(r"<answer>(.*?)</answer>", solution_str, re.DOTALL))
+    return matches[-1].group(1).strip() if len(matches) > 1 else None
+
+
+def test_answer_extraction_reads_the_response_only_unlike_search_r1():
+    """Finding 7 (documented, kept): Search-R1 extracts from prompt + response, and its prompt
+    holds two <answer> pairs, so an answerless response is read as the prompt's 'Beijing'."""
+    from tspo_jax import rollout
+
+    prompt = rollout.SEARCH_R1_TEMPLATE.format(question="What is the capital of China?")
+    response = "<think> I do not know. </think>"
+    assert _search_r1_extract_solution(prompt + response) == "Beijing"  # Search-R1: EM 1
+    assert R.extract_answer(response) is None and R.exact_match(R.extract_answer(response), ["Beijing"]) == 0.0
+    # With one answer in the response both read that answer.
+    answered = response + "<answer> Shanghai </answer>"
+    assert _search_r1_extract_solution(prompt + answered) == R.extract_answer(answered) == "Shanghai"
+    doc = R.__doc__
+    assert "least two" in doc and "Beijing" in doc and "skips the first" not in doc

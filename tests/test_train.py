@@ -46,7 +46,6 @@ def tiny_config(index_dir, **kw):
     c.rollout.max_turns = 1
     c.rollout.max_response_length = 12
     c.rollout.max_obs_length = 48
-    c.reward.num_turns = 2
     c.warmstart.steps = 2
     c.warmstart.batch_size = 8
     c.eval.every = 3
@@ -180,3 +179,109 @@ def test_unknown_config_key_on_the_command_line_is_refused(tmp_path):
     )
     assert out.returncode != 0
     assert "totl_steps" in out.stderr
+
+
+def test_learning_rate_is_stepped_per_training_step_not_per_update(index_dir, tmp_path):
+    """Finding 1: with mini_batch < batch every update of training step t applies schedule(t - 1)
+    (Search-R1 steps its scheduler once per training step), and actor/lr logs that rate."""
+    import optax
+
+    config = tiny_config(index_dir, **{"eval.every": 0, "prompts_per_step": 4, "mini_batch": 8,
+                                       "optim.warmup_steps": 3, "total_steps": 3})
+    trainer = Trainer(config, str(tmp_path / "lr"))
+    applied = []
+    original = trainer.updater.update
+
+    def recording_update(params, opt_state, batch, lr=None):
+        out = original(params, opt_state, batch, lr=lr)
+        applied.append((trainer_step[0], float(optax.tree_utils.tree_get(out[1], "learning_rate"))))
+        return out
+
+    trainer.updater.update = recording_update
+    trainer_step = [0]
+    step = trainer.step
+
+    def counting_step(s):
+        trainer_step[0] = s
+        return step(s)
+
+    trainer.step = counting_step
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    assert [s for s, _ in applied] == [1, 1, 2, 2, 3, 3]  # 16 rows / mini-batch 8: two updates per step
+    expect = {s: float(np.float32(trainer.schedule(s - 1))) for s in (1, 2, 3)}
+    assert expect[1] == 0.0 and 0 < expect[2] < expect[3] < config.optim.lr
+    for s, lr in applied:
+        assert lr == expect[s], (s, lr, expect[s])
+    rows = read_metrics(os.path.join(str(tmp_path / "lr"), "metrics.jsonl"))
+    assert [r["actor/lr"] for r in rows] == [expect[1], expect[2], expect[3]]
+
+
+def _write_nq_search_parquet(path, jsonl, limit):
+    """A parquet laid out exactly as Search-R1's scripts/data_process/nq_search.py writes it: no
+    `question`, `id` or `golden_answers` column here, the prompt as chat messages, the golds under
+    reward_model.ground_truth.target and the row number under extra_info.index."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tspo_jax import rollout
+
+    rows = [json.loads(line) for line in open(jsonl)][:limit]
+    table = {
+        "data_source": [r["data_source"] for r in rows],
+        "prompt": [[{"role": "user", "content": rollout.SEARCH_R1_TEMPLATE.format(question=r["question"])}]
+                   for r in rows],
+        "ability": ["fact-reasoning"] * len(rows),
+        "reward_model": [{"style": "rule", "ground_truth": {"target": r["golden_answers"]}} for r in rows],
+        "extra_info": [{"split": "train", "index": i} for i in range(len(rows))],
+    }
+    pq.write_table(pa.table(table), path)
+    return rows
+
+
+def test_search_r1_parquet_trains_and_evaluates_with_its_own_prompts(index_dir, tmp_path):
+    """Finding 5: data.prompt_source="column" takes each row's `prompt` messages through the chat
+    template (as verl does); a Search-R1 parquet then trains and evaluates."""
+    from tspo_jax import data, rollout
+    from tspo_jax.demo_task import demo_paths
+
+    paths = demo_paths()
+    train_rows = _write_nq_search_parquet(tmp_path / "train.parquet", paths["train"], 40)
+    _write_nq_search_parquet(tmp_path / "test.parquet", paths["test"], 4)
+    examples = data.load_qa(tmp_path / "train.parquet", prompt_source="column")
+    assert [ex.question for ex in examples] == [r["question"] for r in train_rows]  # from the prompt
+    assert [ex.golds for ex in examples] == [r["golden_answers"] for r in train_rows]
+    assert examples[3].uid == f"{train_rows[3]['data_source']}/row-3"
+    with pytest.raises(ValueError, match="prompt"):
+        data.load_qa(paths["train"], prompt_source="column")  # no prompt column: a clear error
+
+    config = tiny_config(index_dir, **{
+        "data.train": str(tmp_path / "train.parquet"), "data.test": str(tmp_path / "test.parquet"),
+        "data.prompt_source": "column", "rollout.invalid_action_message": "search_r1",
+        "rollout.max_prompt_length": 512, "total_steps": 2, "eval.every": 2})
+    config_checks.validate_config(config)
+    trainer = Trainer(config, str(tmp_path / "run"))
+    prompts = []
+    run_episodes = trainer.runner.run
+
+    def recording_run(state, questions, *a, **k):
+        episodes = run_episodes(state, questions, *a, **k)
+        prompts.extend((q, e.tokens[: e.prompt_len]) for q, e in zip(questions, episodes[:: k.get("n", 1)]))
+        return episodes
+
+    trainer.runner.run = recording_run
+    try:
+        last = trainer.train()
+    finally:
+        trainer.close()
+    tok = trainer.tokenizer
+    assert tok.has_chat_template and prompts
+    for messages, ids in prompts:
+        assert messages[0]["content"].startswith("Answer the given question. You must conduct reasoning")
+        assert ids == tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+    assert trainer.runner.cfg.invalid_action_message == rollout.SEARCH_R1_INVALID_ACTION_MESSAGE
+    assert "val/em/all" in last and np.isfinite(last["critic/score/mean"])
+    table = open(os.path.join(str(tmp_path / "run"), "eval", "step_2.md")).read()
+    assert "**all** | 4 |" in table

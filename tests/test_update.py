@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from tspo_jax import losses
@@ -62,7 +63,7 @@ def _setup(mesh_shape, micro):
     loss_cfg.entropy_coef = 0.0
     loss_cfg.logprob_chunk = 8
     tx = optax.sgd(1.0)
-    upd = update_lib.PolicyUpdater(nnx.graphdef(model), cfg, loss_cfg, tx, mesh, micro_batch=micro)
+    upd = update_lib.PolicyUpdater(nnx.graphdef(model), loss_cfg, tx, mesh, micro_batch=micro)
     return model, upd, loss_cfg
 
 
@@ -74,24 +75,23 @@ def _batch(rs):
 
 
 def _reference_update(model, packed, loss_cfg, micro):
-    """The same update by hand: per micro-batch losses (rows j, j+B/m, ...), mean of gradients, SGD."""
+    """The same update by hand: the loss of the whole mini-batch at once (micro-batching is memory
+    only: every aggregation divides by the mini-batch's counts), its gradient, SGD."""
+    del micro
     params = nnx.state(model, nnx.Param)
     graphdef = nnx.graphdef(model)
-    b = packed["tokens"].shape[0]
 
-    def loss(p, idx):
+    def loss(p):
         m = nnx.merge(graphdef, p)
-        logits, _ = m(jnp.asarray(packed["tokens"][idx]), valid=jnp.asarray(packed["valid"][idx]))
-        logp = losses.logprobs_from_logits(logits[:, :-1], jnp.asarray(packed["tokens"][idx][:, 1:]))
-        sl = lambda k: jnp.asarray(packed[k][idx][:, 1:])  # noqa: E731
+        logits, _ = m(jnp.asarray(packed["tokens"]), valid=jnp.asarray(packed["valid"]))
+        logp = losses.logprobs_from_logits(logits[:, :-1], jnp.asarray(packed["tokens"][:, 1:]))
+        sl = lambda k: jnp.asarray(packed[k][:, 1:])  # noqa: E731
         return losses.policy_loss(
             logp, sl("old_logp"), None, sl("advantages"), sl("loss_mask"), None, loss_cfg
         )[0]
 
-    groups = [np.arange(j, b, b // micro) for j in range(b // micro)]
-    grads = [jax.grad(loss)(params, g) for g in groups]
-    mean = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
-    return jax.tree.map(lambda p, g: p - g, params, mean)
+    grads = jax.grad(loss)(params)
+    return jax.tree.map(lambda p, g: p - g, params, grads)
 
 
 def test_sharded_update_with_micro_batches_equals_the_reference():
@@ -145,3 +145,64 @@ def test_optimizer_schedule_warms_up_then_holds():
         float(sched(0)) == 0.0 and abs(float(sched(5)) - 1e-3) < 1e-9 and abs(float(sched(19)) - 1e-3) < 1e-9
     )
     assert 0 < float(sched(2)) < 1e-3
+
+
+def _ragged_batch(rs, rows=16):
+    """Ragged rows of random tokens; two rows have no loss token at all (prompt only)."""
+    eps = _episodes(rs, rows)
+    for i in (3, rows - 6):
+        eps[i].loss_mask = [0] * len(eps[i].loss_mask)
+    packed = update_lib.pack_episodes(eps, width=24)
+    packed["advantages"] = (rs.randn(*packed["tokens"].shape) * packed["loss_mask"]).astype(np.float32)
+    packed["ref_logp"] = (packed["old_logp"] + 0.3 * rs.randn(*packed["old_logp"].shape)).astype(np.float32)
+    packed["old_logp"] = (packed["old_logp"] + 0.2 * rs.randn(*packed["old_logp"].shape)).astype(np.float32)
+    return {k: v for k, v in packed.items() if k != "turn_ids"}
+
+
+@pytest.mark.parametrize("agg", losses.AGGREGATIONS)
+def test_micro_batch_is_memory_only_for_every_aggregation(agg):
+    """Finding 2: the update (params after one step) is the same for micro_batch m, m/2, m/4."""
+    packed = _ragged_batch(np.random.RandomState(11))
+    results = {}
+    for micro in (16, 8, 4):
+        model, upd, loss_cfg = _setup((2, 2, 2), micro)  # the batch split over 4 devices
+        loss_cfg = ml_collections.ConfigDict(loss_cfg.to_dict())
+        loss_cfg.agg, loss_cfg.kl_coef, loss_cfg.entropy_coef = agg, 0.01, 0.01
+        upd = dataclasses.replace(upd, loss_cfg=loss_cfg)
+        params = nnx.state(model, nnx.Param)
+        before = [np.asarray(x) for x in jax.tree.leaves(params)]  # params are donated
+        new, _, metrics = upd.update(params, upd.tx.init(params), upd.shard(packed))
+        results[micro] = ([np.asarray(x) for x in jax.tree.leaves(new)], metrics)
+    base, base_metrics = results[16]
+    moved = max(np.abs(a - b).max() for a, b in zip(base, before))
+    assert moved > 1e-4, (agg, moved)  # the update is not trivially zero
+    for micro in (8, 4):  # params first, then the logged metrics (mini-batch values too)
+        for a, b in zip(results[micro][0], base):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=0, err_msg=f"{agg} micro_batch={micro}")
+    for micro in (8, 4):
+        for key in ("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/pg_clipfrac", "actor/ratio_max"):
+            np.testing.assert_allclose(float(results[micro][1][key]), float(base_metrics[key]), rtol=1e-5,
+                                       atol=1e-7, err_msg=f"{agg} {key} micro_batch={micro}")
+
+
+def test_update_applies_and_reports_the_given_learning_rate():
+    """Finding 1 (updater side): update(lr=...) applies exactly that rate and logs it as actor/lr."""
+    c = ml_collections.ConfigDict(dict(lr=1e-3, schedule="constant", warmup_ratio=0.5, warmup_steps=None,
+                                       weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1e9))
+    tx, sched = update_lib.make_optimizer(c, total_steps=10)
+    model, upd, _ = _setup((8, 1, 1), 8)
+    upd = dataclasses.replace(upd, tx=tx)
+    packed = _ragged_batch(np.random.RandomState(5), rows=8)
+    params = nnx.state(model, nnx.Param)
+    before = [np.asarray(x) for x in jax.tree.leaves(params)]
+    rate = float(sched(2))
+    assert 0 < rate < c.lr
+    new, opt_state, metrics = upd.update(params, tx.init(params), upd.shard(packed), lr=rate)
+    assert float(metrics["actor/lr"]) == np.float32(rate)
+    assert float(optax.tree_utils.tree_get(opt_state, "learning_rate")) == np.float32(rate)
+    # Adam's first step moves each weight by lr * m/(sqrt(v)+eps) ~ lr * sign(g): at most the rate.
+    step = max(np.abs(np.asarray(a) - b).max() for a, b in zip(jax.tree.leaves(new), before))
+    assert 0.5 * rate < step <= rate * 1.0001
+    with np.testing.assert_raises_regex(ValueError, "make_optimizer"):
+        _, plain, _ = _setup((8, 1, 1), 8)
+        plain.update(params, plain.tx.init(params), plain.shard(packed), lr=rate)

@@ -1,13 +1,19 @@
 """QA prompts: Search-R1 parquet/JSONL loading, array_record sources, a resumable prompt stream.
 
 Search-R1's `scripts/data_process/*.py` write parquet rows with `question`, `golden_answers` (a
-list), `data_source`, usually an `id`, and the golds again under `reward_model.ground_truth.target`.
-We accept either gold field, and JSONL files with the same keys.
+list), `data_source`, usually an `id`, the golds again under `reward_model.ground_truth.target`,
+and `prompt`: the chat messages a Search-R1-trained checkpoint expects. We accept either gold
+field, and JSONL files with the same keys.
+
+prompt_source (config.data.prompt_source) says where the policy's prompt comes from:
+  "template"  the question, put into rollout.template (the default);
+  "column"    the row's own `prompt` messages, through the chat template, as verl does. The
+              question (for FOLR's guard and the eval table) is then the `question` column, or
+              the text after the last "Question:" of the last user message.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,34 +25,50 @@ import numpy as np
 GOLD_COLUMN = "golden_answers"
 GOLD_FALLBACK_PATH = ("reward_model", "ground_truth", "target")
 SUPPORTED_SUFFIXES = (".parquet", ".jsonl")
+PROMPT_SOURCES = ("template", "column")
 
 
 @dataclasses.dataclass(frozen=True)
 class QAExample:
-    """One prompt. `uid` is unique per prompt across data sets: it keys the rollout groups."""
+    """One prompt. `uid` is unique per prompt across data sets: it keys the rollout groups.
+    `prompt` holds the row's chat messages as (role, content) pairs with prompt_source="column"."""
 
     uid: str
     question: str
     golds: list[str]
     data_source: str
+    prompt: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def policy_input(self) -> str | list[dict[str, str]]:
+        """What the rollout builds the prompt from: the row's messages if it has them, else the
+        question (which rollout.template wraps)."""
+        if self.prompt:
+            return [{"role": role, "content": content} for role, content in self.prompt]
+        return self.question
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def load_qa(path: str | os.PathLike, default_data_source: str | None = None) -> list[QAExample]:
+def load_qa(path: str | os.PathLike, default_data_source: str | None = None, *,
+            prompt_source: str = "template") -> list[QAExample]:
     """Reads a Search-R1 style QA file (.parquet or .jsonl) into QAExamples, in file order.
 
-    uid = f"{data_source}/{id}" when the row has an `id`, else
-    f"{data_source}/{sha1(question)[:16]}". Rows without `data_source` use `default_data_source`.
+    uid = f"{data_source}/{id}" when the row has an `id`, else f"{data_source}/row-{i}" with i
+    the row's index in the file (test sets such as FlashRAG's may lack ids and repeat a
+    question). Rows without `data_source` use `default_data_source`. prompt_source: see above.
     """
+    if prompt_source not in PROMPT_SOURCES:
+        raise ValueError(f"prompt_source={prompt_source!r} is not one of {PROMPT_SOURCES}: 'template' puts "
+                         "the question into rollout.template, 'column' uses each row's `prompt` messages.")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"QA file not found: {str(path)!r}. Pass a Search-R1 style .parquet or .jsonl file "
             f"(the demo task's are listed by tspo_jax.demo_task.demo_paths()).")
     if path.suffix == ".parquet":
-        rows, columns = _read_parquet(path)
+        rows, columns = _read_parquet(path, with_prompt=prompt_source == "column")
     elif path.suffix == ".jsonl":
         rows, columns = _read_jsonl(path)
     else:
@@ -54,19 +76,19 @@ def load_qa(path: str | os.PathLike, default_data_source: str | None = None) -> 
                          f"expected one of {SUPPORTED_SUFFIXES}.")
     if not rows:
         raise ValueError(f"QA file {str(path)!r} has no rows.")
-    _check_columns(path, columns, default_data_source)
-    examples = [_row_to_example(path, i, row, default_data_source) for i, row in enumerate(rows)]
+    _check_columns(path, columns, default_data_source, prompt_source)
+    examples = [_row_to_example(path, i, row, default_data_source, prompt_source) for i, row in enumerate(rows)]
     _check_unique_uids(path, examples)
     return examples
 
 
-def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+def _read_parquet(path: Path, with_prompt: bool) -> tuple[list[dict[str, Any]], list[str]]:
     import pyarrow.parquet as pq  # Only parquet users pay for the import.
 
     columns = list(pq.read_schema(path).names)
     # Read only what we use: Search-R1 files also carry the whole prompt text per row.
     wanted = [c for c in ("id", "question", "data_source", GOLD_COLUMN, GOLD_FALLBACK_PATH[0])
-              if c in columns]
+              + (("prompt",) if with_prompt else ()) if c in columns]
     return pq.read_table(path, columns=wanted).to_pylist(), columns
 
 
@@ -89,9 +111,12 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, list(columns)
 
 
-def _check_columns(path: Path, columns: list[str], default_data_source: str | None) -> None:
+def _check_columns(path: Path, columns: list[str], default_data_source: str | None,
+                   prompt_source: str) -> None:
     missing = []
-    if "question" not in columns:
+    if prompt_source == "column" and "prompt" not in columns:
+        missing.append("'prompt' (a list of chat messages; or set data.prompt_source='template')")
+    if "question" not in columns and prompt_source != "column":
         missing.append("'question'")
     if GOLD_COLUMN not in columns and GOLD_FALLBACK_PATH[0] not in columns:
         missing.append(f"'{GOLD_COLUMN}' (or '{'.'.join(GOLD_FALLBACK_PATH)}')")
@@ -103,9 +128,12 @@ def _check_columns(path: Path, columns: list[str], default_data_source: str | No
 
 
 def _row_to_example(path: Path, index: int, row: Mapping[str, Any],
-                    default_data_source: str | None) -> QAExample:
+                    default_data_source: str | None, prompt_source: str = "template") -> QAExample:
     where = f"{str(path)!r} row {index}"
+    prompt = _messages_of(row.get("prompt"), where) if prompt_source == "column" else ()
     question = row.get("question")
+    if question is None and prompt:
+        question = _question_in(prompt)
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"{where}: 'question' must be a non-empty string, got {question!r}.")
     question = question.strip()
@@ -126,9 +154,34 @@ def _row_to_example(path: Path, index: int, row: Mapping[str, Any],
 
     row_id = row.get("id")
     if row_id is None or not str(row_id).strip():
-        row_id = hashlib.sha1(question.encode("utf-8")).hexdigest()[:16]
+        row_id = f"row-{index}"  # the row, not the question: a test set may repeat a question
     return QAExample(uid=f"{data_source}/{str(row_id).strip()}", question=question, golds=golds,
-                     data_source=data_source)
+                     data_source=data_source, prompt=prompt)
+
+
+def _messages_of(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """A row's `prompt` column (a list of {role, content}) as (role, content) pairs."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{where}: 'prompt' must be a non-empty list of chat messages "
+                         f"{{'role': ..., 'content': ...}}, got {value!r}; or set data.prompt_source='template'.")
+    messages = []
+    for m in value:
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) \
+                or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: each 'prompt' message needs string 'role' and 'content', got {m!r}.")
+        messages.append((m["role"], m["content"]))
+    return tuple(messages)
+
+
+def _question_in(prompt: tuple[tuple[str, str], ...]) -> str:
+    """The question inside Search-R1's prompt ('... Question: {question}\n'), else the whole
+    last user message."""
+    users = [content for role, content in prompt if role == "user"] or [prompt[-1][1]]
+    text = users[-1]
+    cut = text.rfind("Question:")
+    return text[cut + len("Question:"):] if cut >= 0 else text
 
 
 def _golds_of(row: Mapping[str, Any], where: str) -> list[str]:
@@ -165,8 +218,8 @@ def _check_unique_uids(path: Path, examples: list[QAExample]) -> None:
     if dups:
         more = f" and {len(dups) - 3} more" if len(dups) > 3 else ""
         raise ValueError(f"{str(path)!r} has duplicate prompt uids {dups[:3]}{more}; uids key "
-                         f"the rollout groups, so give each row a unique 'id' or drop repeated "
-                         f"questions.")
+                         f"the rollout groups, so give each row a unique 'id' (rows without one are told "
+                         f"apart by their position).")
 
 
 # ----------------------------------------------------------------------------- array_record
@@ -277,7 +330,11 @@ def _qa_builder_class():
 
         def _generate_examples(self):
             for i, ex in enumerate(self._examples):
-                yield i, dataclasses.asdict(ex)
+                if ex.prompt:
+                    raise ValueError(f"example {ex.uid!r} carries chat messages (prompt_source='column'), "
+                                     "which an array_record QA source does not hold; read the parquet file "
+                                     "instead, or load it with prompt_source='template'.")
+                yield i, {k: v for k, v in dataclasses.asdict(ex).items() if k != "prompt"}
 
     if TspoQa.name != _TFDS_NAME:
         raise AssertionError(f"TFDS named the builder {TspoQa.name!r}, expected {_TFDS_NAME!r}.")

@@ -13,6 +13,10 @@ Aggregations, with m the loss mask:
   token-mean           sum(x m) / sum(m)                        (Search-R1 / verl default)
   seq-mean-token-mean  mean over rows with >= 1 token of sum_t(x m) / sum_t(m)
   seq-sum              sum(x m) / (B * L), L = seq_sum_norm_len or T  (Dr.GRPO: constant norm)
+The counts (sum(m), rows with tokens, B) are the *mini-batch's* when `norm` is given (see
+`normalizers`): a micro-batch's loss is then its share of the mini-batch loss, and summing the
+micro-batch gradients gives the mini-batch gradient whatever the micro-batch size (verl's
+agg_loss with global token counts). Without `norm` they are the array's own.
 """
 
 from __future__ import annotations
@@ -146,20 +150,34 @@ def token_logprobs_and_entropy(
 # ----------------------------------------------------------------------------- loss
 
 
-def aggregate(values: jax.Array, mask: jax.Array, agg: str, seq_sum_norm_len: int | None = None) -> jax.Array:
-    """Reduce a [B, T] per-token loss to a scalar; see the module docstring."""
+def normalizers(mask: jax.Array) -> dict[str, jax.Array]:
+    """The counts every aggregation divides by, from a whole mini-batch's [B, T] loss mask:
+    loss tokens, rows with at least one loss token, and rows."""
+    mask = mask.astype(jnp.float32)
+    return {
+        "tokens": mask.sum(),
+        "seqs": (mask.sum(axis=-1) > 0).sum().astype(jnp.float32),
+        "rows": jnp.asarray(mask.shape[0], jnp.float32),
+    }
+
+
+def aggregate(values: jax.Array, mask: jax.Array, agg: str, seq_sum_norm_len: int | None = None,
+              norm: dict[str, jax.Array] | None = None) -> jax.Array:
+    """Reduce a [B, T] per-token loss to a scalar; see the module docstring.
+
+    norm: the mini-batch's `normalizers` when `values` is one micro-batch of it; None: these rows'."""
     mask = mask.astype(jnp.float32)
     masked = jnp.where(mask > 0, values, 0.0) * mask
+    norm = normalizers(mask) if norm is None else norm
     if agg == "token-mean":
-        return masked.sum() / jnp.maximum(mask.sum(), 1.0)
+        return masked.sum() / jnp.maximum(norm["tokens"], 1.0)
     if agg == "seq-mean-token-mean":
         tokens = mask.sum(axis=-1)
         seq_means = masked.sum(axis=-1) / jnp.maximum(tokens, 1.0)
-        has_tokens = tokens > 0
-        return jnp.where(has_tokens, seq_means, 0.0).sum() / jnp.maximum(has_tokens.sum(), 1)
+        return jnp.where(tokens > 0, seq_means, 0.0).sum() / jnp.maximum(norm["seqs"], 1.0)
     if agg == "seq-sum":
-        norm = values.shape[-1] if seq_sum_norm_len is None else seq_sum_norm_len
-        return masked.sum() / (values.shape[0] * norm)
+        length = values.shape[-1] if seq_sum_norm_len is None else seq_sum_norm_len
+        return masked.sum() / (norm["rows"] * length)
     raise ValueError(f"aggregation {agg!r} is not one of {AGGREGATIONS}.")
 
 
@@ -178,10 +196,13 @@ def kl_penalty(logp: jax.Array, ref_logp: jax.Array, kl_type: str) -> jax.Array:
     raise ValueError(f"kl_type {kl_type!r} is not one of {KL_TYPES}.")
 
 
-def policy_loss(logp, old_logp, ref_logp, advantages, mask, entropy, cfg: ml_collections.ConfigDict):
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, entropy, cfg: ml_collections.ConfigDict,
+                norm: dict[str, jax.Array] | None = None):
     """Scalar loss and metrics from [B, T] per-token arrays; cfg (Python values) is read at trace time.
 
-    ref_logp may be None when kl_coef is 0, entropy None when entropy_coef is 0.
+    ref_logp may be None when kl_coef is 0, entropy None when entropy_coef is 0. With `norm` (the
+    mini-batch's `normalizers`), the loss and every metric but actor/ratio_max are this
+    micro-batch's share: they add up over the micro-batches to the mini-batch's values.
     """
     validate_config(cfg)
     shape = logp.shape
@@ -202,8 +223,8 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, entropy, cfg: ml_col
     advantages = advantages.astype(jnp.float32)
     mask_f = mask.astype(jnp.float32)
     on = mask_f > 0
-    agg = lambda x: aggregate(x, mask_f, cfg.agg, cfg.seq_sum_norm_len)  # noqa: E731
-    token_mean = lambda x: aggregate(x, mask_f, "token-mean")  # noqa: E731
+    agg = lambda x: aggregate(x, mask_f, cfg.agg, cfg.seq_sum_norm_len, norm)  # noqa: E731
+    token_mean = lambda x: aggregate(x, mask_f, "token-mean", norm=norm)  # noqa: E731
 
     log_ratio = jnp.clip(logp - old_logp, -20.0, 20.0)
     ratio = jnp.exp(log_ratio)

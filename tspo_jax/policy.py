@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tspo_jax import sharding as shd
+from tspo_jax.checkpointing import restore_params
 from tspo_jax.model import params as params_lib
 from tspo_jax.model import qwen2
 from tspo_jax.tokenizer import load_tokenizer
@@ -86,3 +87,42 @@ def abstract_policy(workdir: str, **overrides) -> tuple[qwen2.Qwen2, str]:
 
 def params_of(model: nnx.Module) -> nnx.State:
     return nnx.state(model, nnx.Param)
+
+
+GENERATION_CONFIG = "generation_config.json"
+EXPORT_DTYPES = ("bfloat16", "float32")
+
+
+def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None) -> int:
+    """Writes the policy of a training workdir's checkpoint (latest, or `step`) as an HF checkpoint
+    directory: safetensors, config.json, the tokenizer files and generation_config.json. Returns
+    the step. The parameters are restored on the host CPU (one process), so the model must fit in
+    host memory; dtype: the written weights' dtype (None: the trained param_dtype)."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {EXPORT_DTYPES}")
+    run_path = os.path.join(workdir, RUN_CONFIG)
+    param_dtype = "float32"
+    if os.path.isfile(run_path):
+        with open(run_path) as f:
+            param_dtype = json.load(f).get("model", {}).get("param_dtype", param_dtype)
+    # Compute in float32: the restored values are the checkpoint's whatever the compute dtype.
+    abstract, tokenizer_dir = abstract_policy(workdir, param_dtype=param_dtype, dtype="float32")
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), params_of(abstract))
+    params, step = restore_params(workdir, target, step)
+    model = nnx.merge(nnx.graphdef(abstract), params)
+    if not os.path.isdir(tokenizer_dir):
+        raise FileNotFoundError(f"{workdir}/{POLICY_CONFIG} names the tokenizer directory {tokenizer_dir}, "
+                                "which no longer exists: restore it there to export")
+    params_lib.export_hf_checkpoint(model, out_dir, tokenizer_dir=tokenizer_dir, dtype=dtype or param_dtype)
+    if jax.process_index() == 0 and not os.path.isfile(os.path.join(out_dir, GENERATION_CONFIG)):
+        # The tokenizer directory had none (an HF checkpoint's own is copied): HF's generate
+        # and vLLM stop at these ids.
+        tokenizer = load_tokenizer(tokenizer_dir)
+        eos = sorted({tokenizer.eos_id, *([model.cfg.eos_token_id] if isinstance(model.cfg.eos_token_id, int)
+                                          else list(model.cfg.eos_token_id or []))})
+        with open(os.path.join(out_dir, GENERATION_CONFIG), "w") as f:
+            json.dump({"eos_token_id": eos[0] if len(eos) == 1 else eos, "pad_token_id": tokenizer.pad_id},
+                      f, indent=2)
+    return step

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import time
 from typing import Sequence
 
@@ -33,7 +32,8 @@ import jax
 import numpy as np
 
 from tspo_jax import sampling
-from tspo_jax.retrieval.base import Doc, Retriever, RetrieverError, format_docs
+from tspo_jax.rewards import extract_answer
+from tspo_jax.retrieval.base import OBSERVATION_HEAD, OBSERVATION_TAIL, Doc, Retriever, RetrieverError, format_docs
 from tspo_jax.sharding import to_host
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,28 @@ INVALID_ACTION_MESSAGE = (
     "\nThat was not a valid action. To search, put a query between <search> and </search>. "
     "To answer, put the answer between <answer> and </answer>. Try again.\n"
 )
+# Search-R1's own wording (scripts/data_process/nq_search.py's 'base' prefix and the message
+# search_r1/llm_agent/generation.py appends after an invalid action), reproduced so that a
+# Search-R1-trained checkpoint sees exactly the text it was trained on.
+SEARCH_R1_TEMPLATE = (
+    "Answer the given question. You must conduct reasoning inside <think> and </think> first every "
+    "time you get new information. After reasoning, if you find you lack some knowledge, you can call "
+    "a search engine by <search> query </search> and it will return the top searched results between "
+    "<information> and </information>. You can search as many times as your want. If you find no "
+    "further external knowledge needed, you can directly provide the answer inside <answer> and "
+    "</answer>, without detailed illustrations. For example, <answer> Beijing </answer>. "
+    "Question: {question}\n"
+)
+SEARCH_R1_INVALID_ACTION_MESSAGE = (
+    "\nMy previous action is invalid. If I want to search, I should put the query between <search> "
+    "and </search>. If I want to give the final answer, I should put the answer between <answer> and "
+    "</answer>. Let me try again.\n"
+)
+# rollout.template and rollout.invalid_action_message accept a preset's name for its text.
+PROMPT_PRESETS = {
+    "tspo": {"template": DEFAULT_TEMPLATE, "invalid_action_message": INVALID_ACTION_MESSAGE},
+    "search_r1": {"template": SEARCH_R1_TEMPLATE, "invalid_action_message": SEARCH_R1_INVALID_ACTION_MESSAGE},
+}
 MAX_QUERY_CHARS = 512  # a runaway query is cut before it reaches the retriever
 
 
@@ -65,7 +87,7 @@ class RolloutConfig:
     max_obs_length: int = 500  # tokens per observation (the docs are truncated, tags kept)
     max_prompt_length: int = 512
     max_context_length: int | None = None  # default: enough for every turn at full length
-    topk: int = 3
+    docs_per_search: int = 3  # documents each search returns (Search-R1's top-k)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -75,10 +97,16 @@ class RolloutConfig:
     slots: int = 0  # decode slots of the slot engine; 0 = one per row of the step
     decode_chunk: int = 64  # most decode steps per compiled call before the host looks again
     on_retriever_error: str = "raise"  # "raise" or "observe" (the error text becomes the observation)
-    template: str = DEFAULT_TEMPLATE
+    template: str = DEFAULT_TEMPLATE  # text with {question}, or a PROMPT_PRESETS name
     use_chat_template: bool = True
+    invalid_action_message: str = INVALID_ACTION_MESSAGE  # text, or a PROMPT_PRESETS name
 
     def __post_init__(self):
+        self.template = PROMPT_PRESETS.get(self.template, {}).get("template", self.template)
+        self.invalid_action_message = PROMPT_PRESETS.get(self.invalid_action_message, {}).get(
+            "invalid_action_message", self.invalid_action_message)
+        if not self.invalid_action_message:
+            raise ValueError(f"invalid_action_message is empty: give its text or a preset name {sorted(PROMPT_PRESETS)}")
         if self.resume not in ("cache", "reprefill"):
             raise ValueError(f"resume must be 'cache' or 'reprefill', got {self.resume!r}")
         if self.engine not in ("slots", "lockstep"):
@@ -93,8 +121,9 @@ class RolloutConfig:
                 f"on_retriever_error must be 'raise' or 'observe', got {self.on_retriever_error!r}"
             )
         if "{question}" not in self.template:
-            raise ValueError("the prompt template must contain the placeholder {question}")
-        for name in ("max_turns", "max_response_length", "max_obs_length", "max_prompt_length", "topk"):
+            raise ValueError("the prompt template must contain the placeholder {question} "
+                             f"(or be a preset name: {sorted(PROMPT_PRESETS)})")
+        for name in ("max_turns", "max_response_length", "max_obs_length", "max_prompt_length", "docs_per_search"):
             if getattr(self, name) < (0 if name == "max_turns" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -104,11 +133,16 @@ class RolloutConfig:
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, greedy=self.greedy
         )
 
+    @property
+    def num_turns(self) -> int:
+        """Policy turns an episode may take: max_turns that may search, then one last turn."""
+        return self.max_turns + 1
+
     def context_length(self, prompt_len: int) -> int:
         if self.max_context_length:
             return self.max_context_length
-        turns = self.max_turns + 1
-        obs_width = sampling.round_up(max(self.max_obs_length, len(INVALID_ACTION_MESSAGE)), 16)
+        turns = self.num_turns
+        obs_width = sampling.round_up(max(self.max_obs_length, len(self.invalid_action_message)), 16)
         return prompt_len + turns * self.max_response_length + self.max_turns * obs_width
 
     def cache_length(self, prompt_len: int) -> int:
@@ -126,6 +160,12 @@ class Turn:
     query: str | None = None
     docs: list[Doc] = dataclasses.field(default_factory=list)
     stop: str = ""  # the sampler's stop reason
+
+    @property
+    def retrieved_observation(self) -> str | None:
+        """The observation when it holds retrieved documents, else None. FOLR looks for evidence
+        here only: the invalid-action message and a "Search failed: ..." text were not retrieved."""
+        return self.observation if self.action == "search" and self.docs else None
 
 
 @dataclasses.dataclass
@@ -150,10 +190,23 @@ class Episode:
         return len(self.turns)
 
 
-def build_prompt(tokenizer, question: str, cfg: RolloutConfig) -> list[int]:
-    text = cfg.template.format(question=question.strip())
+def build_prompt(tokenizer, question: str | Sequence[dict], cfg: RolloutConfig) -> list[int]:
+    """Prompt ids from a question (put into cfg.template) or from a row's own chat messages
+    (data.prompt_source="column"), through the chat template with the generation prompt, as
+    verl does; without a chat template, verl takes the first message's content as the text."""
+    if isinstance(question, str):
+        messages = [{"role": "user", "content": cfg.template.format(question=question.strip())}]
+    else:
+        messages = [dict(m) for m in question]
+        if not messages:
+            raise ValueError("a prompt given as chat messages needs at least one message")
     if cfg.use_chat_template and tokenizer.has_chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    elif len(messages) == 1:
+        text = messages[0]["content"]
+    else:
+        raise ValueError(f"a prompt of {len(messages)} chat messages needs the tokenizer's chat template; "
+                         "set rollout.use_chat_template=True with a tokenizer that has one")
     ids = tokenizer.encode(text)
     if len(ids) > cfg.max_prompt_length:
         # Keep the end, where the question and the generation prompt are.
@@ -188,19 +241,13 @@ def parse_action(text: str) -> tuple[str, str | None]:
     return "invalid", None
 
 
-def extract_answer(response_text: str) -> str | None:
-    """The content of the last complete <answer>...</answer> in the response."""
-    matches = re.findall(r"<answer>(.*?)</answer>", response_text, flags=re.DOTALL)
-    return matches[-1].strip() if matches else None
-
-
 def observation_ids(tokenizer, docs_text: str, max_obs_length: int) -> list[int]:
     """Search-R1's observation `\\n\\n<information>{docs.strip()}</information>\\n\\n` as token ids.
 
     The tags are tokenized apart from the docs so that truncating to `max_obs_length` cuts the
     docs, never the closing tag (Search-R1 cuts the whole string; keeping the tag is our choice)."""
-    head = tokenizer.encode("\n\n<information>")
-    tail = tokenizer.encode("</information>\n\n")
+    head = tokenizer.encode(OBSERVATION_HEAD)
+    tail = tokenizer.encode(OBSERVATION_TAIL)
     body = tokenizer.encode(docs_text.strip())
     room = max(max_obs_length - len(head) - len(tail), 0)
     return head + body[:room] + tail
@@ -220,7 +267,7 @@ class EpisodeRunner:
         self.tokenizer = tokenizer
         self.retriever = retriever
         self.cfg = cfg
-        self._invalid = tokenizer.encode(INVALID_ACTION_MESSAGE)
+        self._invalid = tokenizer.encode(cfg.invalid_action_message)
         self.timing: dict[str, float] = {}
         self.stats: dict[str, float] = {}
 
@@ -233,7 +280,7 @@ class EpisodeRunner:
             raise RetrieverError("the policy searched but no retriever was given: pass --retriever")
         t0 = time.perf_counter()
         try:
-            results = self.retriever.search(queries, self.cfg.topk)
+            results = self.retriever.search(queries, self.cfg.docs_per_search)
         except RetrieverError as e:
             if self.cfg.on_retriever_error == "raise":
                 raise
@@ -272,17 +319,17 @@ class EpisodeRunner:
         if action == "search":
             t.query = content[:MAX_QUERY_CHARS]
             return "search"
-        t.observation = INVALID_ACTION_MESSAGE
+        t.observation = self.cfg.invalid_action_message
         return "invalid"
 
-    def _observations(self, eps: list[Episode], nexts: dict[int, str]) -> dict[int, list[int]]:
+    def _observations(self, episodes: list[Episode], nexts: dict[int, str]) -> dict[int, list[int]]:
         """Observation ids for every episode whose turn searched (one retrieval call) or was invalid."""
         obs = {i: list(self._invalid) for i, what in nexts.items() if what == "invalid"}
         searches = [i for i, what in nexts.items() if what == "search"]
         if searches:
-            results = self._retrieve([eps[i].turns[-1].query for i in searches])
+            results = self._retrieve([episodes[i].turns[-1].query for i in searches])
             for j, i in enumerate(searches):
-                turn_rec = eps[i].turns[-1]
+                turn_rec = episodes[i].turns[-1]
                 if isinstance(results, str):
                     ids = self._observation_ids(results)
                 else:
@@ -311,19 +358,20 @@ class EpisodeRunner:
     def run(
         self,
         params,
-        questions: Sequence[str],
+        questions: Sequence[str | Sequence[dict]],
         uids: Sequence[str] | None = None,
         *,
         n: int = 1,
         rng=None,
         seed: int = 0,
     ) -> list[Episode]:
-        """Episodes for every question repeated n times (rows of one question are adjacent)."""
+        """Episodes for every question repeated n times (rows of one question are adjacent).
+        A question is a string for the template, or a row's chat messages (see build_prompt)."""
         cfg, tok = self.cfg, self.tokenizer
         self.timing, self.stats = {}, {"decode_steps": 0, "slot_steps": 0, "live_steps": 0}
         uids = list(uids) if uids is not None else [str(i) for i in range(len(questions))]
         prompts = [build_prompt(tok, q, cfg) for q in questions for _ in range(n)]
-        eps = [
+        episodes = [
             Episode(
                 uid=uids[i // n],
                 prompt_len=len(p),
@@ -340,15 +388,15 @@ class EpisodeRunner:
         ]
         rng = jax.random.key(seed) if rng is None else rng
         t0 = time.perf_counter()
-        if eps:
-            (self._run_slots if cfg.engine == "slots" else self._run_lockstep)(params, eps, rng)
-        for ep in eps:
+        if episodes:
+            (self._run_slots if cfg.engine == "slots" else self._run_lockstep)(params, episodes, rng)
+        for ep in episodes:
             if ep.answer is None:
                 ep.answer = extract_answer("".join(t.text for t in ep.turns))
         self.timing["total"] = time.perf_counter() - t0
         st = self.stats
         st["occupancy"] = st["live_steps"] / st["slot_steps"] if st["slot_steps"] else 0.0
-        return eps
+        return episodes
 
     def _count(self, gen, out) -> None:
         st = self.stats
@@ -358,12 +406,12 @@ class EpisodeRunner:
         st["cache_rows"], st["cache_len"] = gen.cache.batch, gen.cache.max_len
         st["kv_bytes"] = max(st.get("kv_bytes", 0), sum(x.nbytes for x in jax.tree.leaves(gen.cache)))
 
-    def _run_slots(self, params, eps: list[Episode], rng) -> None:
+    def _run_slots(self, params, episodes: list[Episode], rng) -> None:
         """The slot engine (see the module docstring)."""
         cfg, smp = self.cfg, self.sampler
-        rows = len(eps)
+        rows = len(episodes)
         num = sampling.round_up(min(cfg.slots or rows, rows), smp.row_multiple)
-        max_len = cfg.cache_length(max(e.prompt_len for e in eps))
+        max_len = cfg.cache_length(max(e.prompt_len for e in episodes))
         gen = smp.init_slots(num, max_len)
         slot_ep = np.full(num, -1)  # episode in each slot, -1: free
         lengths = np.zeros(num, np.int64)  # each slot's cache write index, mirrored on the host
@@ -392,13 +440,13 @@ class EpisodeRunner:
                 count[free], matcher[free] = 0, 0
                 for s in free:
                     buf[s] = ([], [])
-                gen = fill(gen, free, [eps[i].tokens for i in new])
+                gen = fill(gen, free, [episodes[i].tokens for i in new])
             active = slot_ep >= 0
             if not active.any():
                 break
             ep_ids = np.where(active, slot_ep, 0)
             gen, out = smp.decode(
-                params, gen, rng, max_new=cfg.decode_chunk, params=cfg.sampling_params, active=active,
+                params, gen, rng, max_new=cfg.decode_chunk, sampling=cfg.sampling_params, active=active,
                 budget=np.full(num, cfg.max_response_length, np.int32), count=count, matcher=matcher,
                 seq_ids=ep_ids, turns=turn[ep_ids], until="any", lengths=lengths,
             )
@@ -418,19 +466,19 @@ class EpisodeRunner:
                 if reason == sampling.RUNNING:
                     continue
                 i = int(slot_ep[s])
-                nexts[i] = self._end_turn(eps[i], ids, lps, reason, int(turn[i]))
+                nexts[i] = self._end_turn(episodes[i], ids, lps, reason, int(turn[i]))
                 slot_of[i] = s
-            obs = self._observations(eps, nexts)
+            obs = self._observations(episodes, nexts)
             resume: list[int] = []
             for i, what in nexts.items():
                 s = slot_of[i]
                 if what != "done" and len(obs[i]) + 1 > max_len - lengths[s]:
-                    self._no_room(eps[i])
+                    self._no_room(episodes[i])
                     what = "done"
                 if what == "done":
                     slot_ep[s] = -1
                     continue
-                self._add_observation(eps[i], obs[i], int(turn[i]))
+                self._add_observation(episodes[i], obs[i], int(turn[i]))
                 turn[i] += 1
                 count[s], matcher[s] = 0, 0
                 buf[s] = ([], [])
@@ -439,7 +487,7 @@ class EpisodeRunner:
                 continue
             slots = [slot_of[i] for i in resume]
             if cfg.resume == "reprefill":
-                gen = fill(gen, slots, [eps[i].tokens for i in resume])
+                gen = fill(gen, slots, [episodes[i].tokens for i in resume])
                 continue
             r = sampling.bucket(len(slots), 1)
             width = sampling.round_up(max(len(obs[i]) for i in resume), 16)
@@ -450,28 +498,28 @@ class EpisodeRunner:
             for i, s in zip(resume, slots):
                 lengths[s] += len(obs[i])
 
-    def _run_lockstep(self, params, eps: list[Episode], rng) -> None:
+    def _run_lockstep(self, params, episodes: list[Episode], rng) -> None:
         """Every row in one cache; a turn decodes all live rows until the last one stops."""
         cfg, smp = self.cfg, self.sampler
-        rows = len(eps)
+        rows = len(episodes)
         b = sampling.round_up(rows, smp.row_multiple)
-        width = sampling.round_up(max(e.prompt_len for e in eps), 16)
+        width = sampling.round_up(max(e.prompt_len for e in episodes), 16)
         max_len = cfg.cache_length(width)
         alive = np.arange(b) < rows
         seq_ids = np.arange(b)
-        gen = smp.prefill(params, *sampling.left_pad([e.tokens for e in eps], width, smp.pad_id, num_rows=b),
+        gen = smp.prefill(params, *sampling.left_pad([e.tokens for e in episodes], width, smp.pad_id, num_rows=b),
                           max_len=max_len)
         lengths = np.full(b, width)
-        for turn in range(cfg.max_turns + 1):
+        for turn in range(cfg.num_turns):
             if not alive.any():
                 break
             if cfg.resume == "reprefill" and turn > 0:
-                seqs = [ep.tokens for ep in eps]
+                seqs = [ep.tokens for ep in episodes]
                 w = sampling.round_up(max(len(x) for x in seqs), 16)
                 gen = smp.prefill(params, *sampling.left_pad(seqs, w, smp.pad_id, num_rows=b), max_len=max_len)
                 lengths[:] = w
             gen, out = smp.decode(
-                params, gen, rng, max_new=cfg.max_response_length, params=cfg.sampling_params, active=alive,
+                params, gen, rng, max_new=cfg.max_response_length, sampling=cfg.sampling_params, active=alive,
                 seq_ids=seq_ids, turns=np.full(b, turn), lengths=lengths,
             )
             out = to_host(out)  # every process needs every row: host-side work is replicated
@@ -480,18 +528,18 @@ class EpisodeRunner:
             nexts = {}
             for i in np.flatnonzero(alive):
                 k = int(out.num_tokens[i])
-                nexts[i] = self._end_turn(eps[i], out.tokens[i, :k].tolist(), out.logprobs[i, :k].tolist(),
+                nexts[i] = self._end_turn(episodes[i], out.tokens[i, :k].tolist(), out.logprobs[i, :k].tolist(),
                                           int(out.stop_reason[i]), turn)
-            obs = self._observations(eps, nexts)
+            obs = self._observations(episodes, nexts)
             for i, what in nexts.items():
                 if what != "done" and len(obs[i]) + 1 > max_len - lengths[i]:
-                    self._no_room(eps[i])
+                    self._no_room(episodes[i])
                     what = "done"
                 if what == "done":
                     alive[i] = False
                     obs.pop(i, None)
                 else:
-                    self._add_observation(eps[i], obs[i], turn)
+                    self._add_observation(episodes[i], obs[i], turn)
             if not obs or cfg.resume == "reprefill":
                 continue
             w = sampling.round_up(max(len(v) for v in obs.values()), 16)

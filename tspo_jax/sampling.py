@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tspo_jax.model.qwen2 import KVCache, Qwen2, Qwen2Config, apply
-from tspo_jax.sharding import to_host
+from tspo_jax.model.qwen2 import KVCache, Qwen2Config, apply
+from tspo_jax.sharding import batch_devices, to_host
 from tspo_jax.stop_strings import StopTable, build_stop_table
 
 log = logging.getLogger(__name__)
@@ -91,11 +91,6 @@ def round_up(n: int, multiple: int) -> int:
     """n rounded up to a multiple of `multiple` (at least one multiple): the padded row counts and
     lengths we compile for (powers of two would waste up to half the rows and cache)."""
     return max(multiple, -(-n // multiple) * multiple)
-
-
-def batch_devices(mesh) -> int:
-    """Devices the rows are split over (data x fsdp); 1 without a mesh."""
-    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def _attend_len(needed: int, max_len: int) -> int:
@@ -179,7 +174,7 @@ class Sampler:
         # heads over `tensor` where they divide: each device holds and decodes only its rows.
         self.mesh = mesh
         # Row counts are padded to a multiple of this (the batch devices; 1 alone).
-        self.row_multiple = batch_devices(mesh)
+        self.row_multiple = 1 if mesh is None else batch_devices(mesh)
         # Embedding rows past the tokenizer's vocabulary (Qwen2.5 pads 151,665 to 151,936) are
         # never sampled.
         self.tokenizer_vocab = cfg.vocab_size if tokenizer_vocab is None else int(tokenizer_vocab)
@@ -198,27 +193,23 @@ class Sampler:
             static_argnames=("max_new", "greedy", "top_k", "use_top_p", "attend_len", "until"),
         )
 
-    @classmethod
-    def for_model(cls, model: Qwen2, **kw) -> "Sampler":
-        return cls(nnx.graphdef(model), model.cfg, **kw)
-
     # --- compiled bodies ----------------------------------------------------------------------------
-    def _forward(self, state, tokens, valid, cache, attend_len=None, rows=None):
+    def _forward(self, params, tokens, valid, cache, attend_len=None, rows=None):
         """Logits [B, V] at each row's last valid token (the LM head runs nowhere else), new cache."""
         return apply(
-            self.graphdef, state, tokens, valid=valid, cache=cache, attend_len=attend_len, rows=rows, last_only=True
+            self.graphdef, params, tokens, valid=valid, cache=cache, attend_len=attend_len, rows=rows, last_only=True
         )
 
-    def _prefill_impl(self, state, tokens, valid, max_len):
+    def _prefill_impl(self, params, tokens, valid, max_len):
         self.compile_counts["prefill"] += 1
         cache = self._constrain(KVCache.init(self.cfg, tokens.shape[0], max_len))
-        logits, cache = self._forward(state, tokens, valid, cache, attend_len=0)
+        logits, cache = self._forward(params, tokens, valid, cache, attend_len=0)
         return GenState(self._constrain(cache), logits.astype(jnp.float32))
 
-    def _refill_impl(self, state, gen, slots, tokens, valid):
+    def _refill_impl(self, params, gen, slots, tokens, valid):
         self.compile_counts["refill"] += 1
         cache = gen.cache.reset_rows(slots)
-        logits, cache = self._forward(state, tokens, valid, cache, attend_len=0, rows=slots)
+        logits, cache = self._forward(params, tokens, valid, cache, attend_len=0, rows=slots)
         has = valid.any(axis=1)
         old = gen.next_logits.at[slots].get(mode="clip")
         next_logits = gen.next_logits.at[slots].set(_keep_or_set(logits, has, old), mode="drop")
@@ -248,9 +239,9 @@ class Sampler:
             next_pos=rows,
         )
 
-    def _append_impl(self, state, gen, tokens, valid, slots, attend_len):
+    def _append_impl(self, params, gen, tokens, valid, slots, attend_len):
         self.compile_counts["append"] += 1
-        logits, cache = self._forward(state, tokens, valid, gen.cache, attend_len, rows=slots)
+        logits, cache = self._forward(params, tokens, valid, gen.cache, attend_len, rows=slots)
         has = valid.any(axis=1)
         if slots is None:
             return GenState(self._constrain(cache), _keep_or_set(logits, has, gen.next_logits))
@@ -260,7 +251,7 @@ class Sampler:
 
     def _decode_impl(
         self,
-        state,
+        params,
         gen,
         rng,
         active,
@@ -327,7 +318,7 @@ class Sampler:
             reason = jnp.where(live, new_reason, reason)
             which = jnp.where(hit_string, completes, which)
             valid = live[:, None]
-            new_logits, cache = self._forward(state, tok[:, None], valid, gen.cache, attend_len)
+            new_logits, cache = self._forward(params, tok[:, None], valid, gen.cache, attend_len)
             gen = GenState(cache, _keep_or_set(new_logits, live, gen.next_logits))
             now = live & (new_reason != RUNNING)
             live_steps = live_steps + live.sum(dtype=jnp.int32)
@@ -356,9 +347,9 @@ class Sampler:
         return gen, DecodeOut(toks, lps, count - start_count, reason, which, matcher, step, live_steps)
 
     # --- public API -------------------------------------------------------------------------------
-    def prefill(self, state, tokens, valid, max_len: int) -> GenState:
+    def prefill(self, params, tokens, valid, max_len: int) -> GenState:
         """A fresh cache of max_len positions for every row, with (left-padded) prompts in it."""
-        return self.prefill_fn(state, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), max_len=max_len)
+        return self.prefill_fn(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), max_len=max_len)
 
     def init_slots(self, slots: int, max_len: int) -> GenState:
         """An empty cache of `slots` rows (the rollout's decode slots), placed on the mesh."""
@@ -368,20 +359,20 @@ class Sampler:
         cache = self._constrain(KVCache.init(self.cfg, slots, max_len))
         return GenState(cache, jnp.zeros((slots, self.cfg.vocab_size), jnp.float32))
 
-    def refill(self, state, gen: GenState, slots, tokens, valid) -> GenState:
+    def refill(self, params, gen: GenState, slots, tokens, valid) -> GenState:
         """Empties cache rows `slots` ([R] ids; an id >= the slot count is a padding row) and
         prefills row r of the block into slot slots[r]; right-padded rows pack densely."""
         return self.refill_fn(
-            state, gen, jnp.asarray(slots, jnp.int32), jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool)
+            params, gen, jnp.asarray(slots, jnp.int32), jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool)
         )
 
-    def append(self, state, gen: GenState, tokens, valid, slots=None, *, lengths=None) -> GenState:
+    def append(self, params, gen: GenState, tokens, valid, slots=None, *, lengths=None) -> GenState:
         """Appends a block: row r to cache row r, or to slots[r] when given. `lengths` (the rows'
         write positions, if the caller tracks them) saves reading them back from the device."""
         lengths = np.asarray(gen.cache.index) if lengths is None else np.asarray(lengths)
         attend = _attend_len(int(lengths.max(initial=0)) + np.shape(tokens)[1], gen.cache.max_len)
         return self.append_fn(
-            state,
+            params,
             gen,
             jnp.asarray(tokens, jnp.int32),
             jnp.asarray(valid, bool),
@@ -391,12 +382,12 @@ class Sampler:
 
     def decode(
         self,
-        state,
+        params,
         gen: GenState,
         rng,
         *,
         max_new: int,
-        params: SamplingParams,
+        sampling: SamplingParams,
         active=None,
         budget=None,
         count=None,
@@ -422,7 +413,7 @@ class Sampler:
         lengths = np.asarray(gen.cache.index) if lengths is None else np.asarray(lengths)
         needed = int(lengths[active].max(initial=0)) + max_new
         return self.decode_fn(
-            state,
+            params,
             gen,
             rng,
             jnp.asarray(active),
@@ -431,12 +422,12 @@ class Sampler:
             jnp.zeros((b,), jnp.int32) if matcher is None else jnp.asarray(matcher, jnp.int32),
             jnp.arange(b, dtype=jnp.int32) if seq_ids is None else jnp.asarray(seq_ids, jnp.int32),
             jnp.zeros((b,), jnp.int32) if turns is None else jnp.asarray(turns, jnp.int32),
-            jnp.float32(params.temperature),
-            jnp.float32(params.top_p),
+            jnp.float32(sampling.temperature),
+            jnp.float32(sampling.top_p),
             max_new=max_new,
-            greedy=params.greedy,
-            top_k=params.top_k,
-            use_top_p=params.top_p < 1.0,
+            greedy=sampling.greedy,
+            top_k=sampling.top_k,
+            use_top_p=sampling.top_p < 1.0,
             attend_len=_attend_len(needed, gen.cache.max_len),
             until=until,
         )
@@ -488,11 +479,11 @@ class Sampler:
 
     def generate(
         self,
-        state,
+        params,
         prompts: Sequence[Sequence[int]],
         *,
         max_new_tokens: int,
-        params: SamplingParams = SamplingParams(),
+        sampling: SamplingParams = SamplingParams(),
         rng=None,
         seed: int = 0,
     ) -> list[dict]:
@@ -511,10 +502,10 @@ class Sampler:
         t = round_up(max(len(p) for p in prompts), 16)
         tokens, valid = left_pad(prompts, t, self.pad_id, num_rows=b)
         max_len = round_up(t + max_new_tokens, 64)
-        gen = self.prefill(state, tokens, valid, max_len)
+        gen = self.prefill(params, tokens, valid, max_len)
         active = np.arange(b) < n
         rng = jax.random.key(seed) if rng is None else rng
-        gen, out = self.decode(state, gen, rng, max_new=max_new_tokens, params=params, active=active,
+        gen, out = self.decode(params, gen, rng, max_new=max_new_tokens, sampling=sampling, active=active,
                                lengths=np.full((b,), t))
         out = to_host(out)
         results = []

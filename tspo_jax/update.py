@@ -23,7 +23,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tspo_jax import losses
 from tspo_jax import sharding as shd
-from tspo_jax.model.qwen2 import Qwen2Config
 from tspo_jax.sampling import bucket
 
 
@@ -53,22 +52,49 @@ def pack_episodes(episodes: Sequence, width: int | None = None, rows: int | None
     return out
 
 
+SCHEDULES = ("constant", "cosine")
+
+
+def validate_optim(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the bad optim knob."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule={cfg.schedule!r}: choose constant or cosine")
+    if not cfg.lr > 0:
+        raise ValueError(f"optim.lr={cfg.lr} must be > 0")
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with warm-up then constant or cosine, after clipping by global norm."""
-    warmup = int(round(cfg.warmup_ratio * total_steps)) if cfg.get("warmup_steps") is None else cfg.warmup_steps
+    """AdamW after clipping by global norm, and its schedule (warm-up, then constant or cosine).
+
+    The schedule is indexed by *training step*, not by optimizer update: Search-R1 (verl) steps its
+    LR scheduler once per training step, so every mini-batch update of one step uses one rate.
+    The rate is therefore a hyperparameter in the optimizer state (optax.inject_hyperparams) that
+    the caller sets on each update: `PolicyUpdater.update(..., lr=schedule(k))` for the k-th
+    training step counted from 0 (verl's first step runs at schedule(0), 0 during warm-up). It
+    starts at the peak `cfg.lr` for callers that never set it."""
+    validate_optim(cfg)
+    # int(), not round(): verl computes int(lr_warmup_steps_ratio * total_steps).
+    warmup = int(cfg.warmup_ratio * total_steps) if cfg.get("warmup_steps") is None else cfg.warmup_steps
     if cfg.schedule == "constant":
         schedule = optax.join_schedules(
             [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)], [warmup]
         )
     elif cfg.schedule == "cosine":
         schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warmup, 1), max(total_steps, warmup + 1))
-    else:
-        raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+        # Only the rate is a state hyperparameter, kept in float32: injected b1/b2 would take the
+        # parameters' dtype, and b2 = 0.999 is 1.0 in bf16.
+        optax.inject_hyperparams(
+            lambda learning_rate: optax.adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+            hyperparam_dtype=jnp.float32,
+        )(learning_rate=cfg.lr),
     )
     return tx, schedule
+
+
+def _has_learning_rate(opt_state) -> bool:
+    return optax.tree_utils.tree_get(opt_state, "learning_rate") is not None
 
 
 def _shift(x):
@@ -79,7 +105,6 @@ def _shift(x):
 @dataclasses.dataclass
 class PolicyUpdater:
     graphdef: nnx.GraphDef
-    model_cfg: Qwen2Config
     loss_cfg: ml_collections.ConfigDict
     tx: optax.GradientTransformation
     mesh: Mesh
@@ -116,41 +141,50 @@ class PolicyUpdater:
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
     # --- RL update --------------------------------------------------------------------------------
-    def _update_impl(self, params, opt_state, batch):
+    def _update_impl(self, params, opt_state, batch, lr):
         cfg = self.loss_cfg
+        # Every aggregation divides by the whole mini-batch's counts (verl's agg_loss with global
+        # token counts), so each micro-batch's loss is its share of the mini-batch loss and the
+        # summed gradients are the same for any micro_batch: it trades memory only.
+        norm = losses.normalizers(_shift(batch["loss_mask"]))
 
         def micro_loss(p, mb):
             logp, entropy = self._token_logprobs(p, mb["tokens"], mb["valid"])
             ref = _shift(mb["ref_logp"]) if cfg.kl_coef != 0.0 else None
             loss, metrics = losses.policy_loss(
-                logp, _shift(mb["old_logp"]), ref, _shift(mb["advantages"]), _shift(mb["loss_mask"]), entropy, cfg)
+                logp, _shift(mb["old_logp"]), ref, _shift(mb["advantages"]), _shift(mb["loss_mask"]), entropy, cfg,
+                norm=norm)
             return loss, metrics
 
         micro = jax.tree.map(self._micro_split, batch)
-        num_micro = micro["tokens"].shape[0]
 
         def body(acc, mb):
             (loss, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, mb)
-            acc = jax.tree.map(lambda a, g: a + g / num_micro, acc, grads)
+            acc = jax.tree.map(jnp.add, acc, grads)
             return acc, metrics
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         grads, metrics = jax.lax.scan(body, zeros, micro)
-        metrics = jax.tree.map(jnp.mean, metrics)
-        metrics["actor/ratio_max"] = jnp.max(metrics["actor/ratio_max"])
+        # With mini-batch normalisers the micro-batch values add up to the mini-batch's.
+        metrics = {k: jnp.max(v) if k == "actor/ratio_max" else jnp.sum(v) for k, v in metrics.items()}
         metrics["actor/grad_norm"] = optax.global_norm(grads)
+        if lr is not None:
+            opt_state = optax.tree_utils.tree_set(opt_state, learning_rate=lr)
+            metrics["actor/lr"] = lr
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, metrics
 
     # --- supervised warm start ------------------------------------------------------------------
-    def _sft_impl(self, params, opt_state, batch):
+    def _sft_impl(self, params, opt_state, batch, lr):
         def loss_fn(p):
             logp, _ = self._token_logprobs(p, batch["tokens"], batch["valid"])
             mask = _shift(batch["loss_mask"])
             return -(logp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
+        if lr is not None:
+            opt_state = optax.tree_utils.tree_set(opt_state, learning_rate=lr)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"sft/loss": loss, "sft/grad_norm": optax.global_norm(grads)}
@@ -164,8 +198,19 @@ class PolicyUpdater:
         lp = self._logprobs(params, batch["tokens"], batch["valid"])
         return jnp.pad(lp, ((0, 0), (1, 0)))
 
-    def update(self, params, opt_state, batch):
-        return self._update(params, opt_state, batch)
+    def update(self, params, opt_state, batch, lr=None):
+        """One optimizer update on a mini-batch. With `lr`, the optimizer (built by make_optimizer)
+        applies that rate, and metrics["actor/lr"] reports it."""
+        return self._update(params, opt_state, batch, self._lr_on_mesh(opt_state, lr))
 
-    def sft_step(self, params, opt_state, batch):
-        return self._sft(params, opt_state, batch)
+    def _lr_on_mesh(self, opt_state, lr):
+        if lr is None:
+            return None
+        if not _has_learning_rate(opt_state):
+            raise ValueError("a learning rate per call needs an optimizer with an injected learning_rate "
+                             "hyperparameter: build it with update.make_optimizer")
+        return shd.put_global(np.float32(lr), NamedSharding(self.mesh, P()))
+
+    def sft_step(self, params, opt_state, batch, lr=None):
+        """One supervised step; `lr` as in `update` (the warm start's own schedule)."""
+        return self._sft(params, opt_state, batch, self._lr_on_mesh(opt_state, lr))

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from tspo_jax import rollout, sampling
+from tspo_jax.runtime import make_sampler
 from tspo_jax.bench import costs, scripted, searchr1, timing
 from tspo_jax.bench import torch_kv as torch_kv_lib
 from tspo_jax.bench.configs import BenchmarkError, EpisodeSpec
@@ -69,7 +70,7 @@ def rollout_config(spec: EpisodeSpec, resume: str) -> rollout.RolloutConfig:
         max_turns=spec.max_turns,
         max_response_length=spec.max_response_length,
         max_obs_length=spec.max_obs_length,
-        topk=spec.topk,
+        docs_per_search=spec.docs_per_search,
         greedy=True,
         resume=resume,
         template="{question}",
@@ -126,15 +127,15 @@ def method_limits(cfg, episodes: list[rollout.Episode], max_response_length: int
 def synthetic_episodes(rows: int, prompt_len: int, turn_len: int, obs_len: int, searches: int) -> list[rollout.Episode]:
     """Episodes of the scripted shape (searches x (turn + observation), then one last turn), for
     projecting `method_limits` onto a model too slow to run them here."""
-    eps = []
+    episodes = []
     for r in range(rows):
         pos, turns = prompt_len, []
         for k in range(searches + 1):
             obs = (pos + turn_len, pos + turn_len + obs_len) if k < searches else None
             turns.append(rollout.Turn("search", (pos, pos + turn_len), obs, "", None))
             pos = obs[1] if obs else pos + turn_len
-        eps.append(rollout.Episode(str(r), prompt_len, [0] * pos, [], [], [], turns, None, ""))
-    return eps
+        episodes.append(rollout.Episode(str(r), prompt_len, [0] * pos, [], [], [], turns, None, ""))
+    return episodes
 
 
 def _check_same(ours, reprefill, sr1, script: scripted.Script, spec: EpisodeSpec):
@@ -183,7 +184,7 @@ def _kv_bytes_per_token(cfg) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.dtype).itemsize
 
 
-def _time_all(runners, state, questions, torch_fns: dict, reps: int, seed: int = 0):
+def _time_all(runners, params, questions, torch_fns: dict, reps: int, seed: int = 0):
     """Times our runners and the PyTorch contenders interleaved; returns samples, the last
     episodes of each and each runner's stats."""
     last: dict = {}
@@ -192,7 +193,7 @@ def _time_all(runners, state, questions, torch_fns: dict, reps: int, seed: int =
     def ours(name):
         def run():
             r = runners[name]
-            last[name] = r.run(state, questions, n=1, seed=seed)
+            last[name] = r.run(params, questions, n=1, seed=seed)
             stats[name] = dict(r.stats)
             return {"retrieval": r.timing.get("retrieval", 0.0)}
         return run
@@ -227,11 +228,8 @@ def _summarise(samples, stats, rows: int, policy_tokens: int, kv_per_token: int,
 
 def measure(jmodel, tmodel, tokenizer, retriever, script: scripted.Script, spec: EpisodeSpec, *,
             reps: int, limits: costs.Limits, profile_dir: str | None = None) -> dict:
-    graphdef, state = nnx.split(jmodel)
-    sampler = sampling.Sampler(
-        graphdef, jmodel.cfg, eos_ids=[tokenizer.eos_id], pad_id=tokenizer.pad_id,
-        stop_strings=rollout.STOP_STRINGS, token_bytes=tokenizer.token_bytes,
-    )
+    graphdef, params = nnx.split(jmodel)
+    sampler = make_sampler(graphdef, jmodel.cfg, tokenizer)
     questions = [scripted.QUESTIONS[i % len(scripted.QUESTIONS)] for i in range(spec.rows)]
     prompts = [list(script.prompts[i % len(script.prompts)]) for i in range(spec.rows)]
     base = rollout_config(spec, "cache")
@@ -246,26 +244,26 @@ def measure(jmodel, tmodel, tokenizer, retriever, script: scripted.Script, spec:
     def torch_kv(st):
         return torch_kv_lib.run_episodes(tmodel, tokenizer, retriever, prompts, base, stats=st)
 
-    samples, last, stats, contenders = _time_all(runners, state, questions,
+    samples, last, stats, contenders = _time_all(runners, params, questions,
                                                  {"searchr1_torch": search_r1, "torch_kv_reuse": torch_kv}, reps)
     _check_same(last["interrupt_resume"], last["reprefill"], last["searchr1_torch"], script, spec)
     _check_all_same(last["interrupt_resume"], {n: last[n] for n in ("slots_quarter", "lockstep", "torch_kv_reuse")})
 
-    eps = last["interrupt_resume"]
-    policy_tokens = sum(sum(e.loss_mask) for e in eps)
-    own_limits = method_limits(jmodel.cfg, eps, spec.max_response_length, limits)
+    episodes = last["interrupt_resume"]
+    policy_tokens = sum(sum(e.loss_mask) for e in episodes)
+    own_limits = method_limits(jmodel.cfg, episodes, spec.max_response_length, limits)
     limit = own_limits["interrupt_resume"]
     kv_tok = _kv_bytes_per_token(jmodel.cfg)
     # Search-R1's biggest generate: every row's longest context plus the per-turn limit.
-    peak_sr1 = spec.rows * (max(len(e.tokens) for e in eps) + spec.max_response_length) * kv_tok
+    peak_sr1 = spec.rows * (max(len(e.tokens) for e in episodes) + spec.max_response_length) * kv_tok
     out = {
         "rows": spec.rows,
-        "turns": spec.max_turns + 1,
+        "turns": rollout_config(spec, "cache").num_turns,
         "searches_per_episode": spec.max_turns,
-        "topk": spec.topk,
+        "topk": spec.docs_per_search,  # the results files keep their key
         "policy_tokens_per_turn": len(script.turn_ids),
-        "observation_tokens": [s[1] - s[0] for s in (t.obs_span for t in eps[0].turns) if s],
-        "episode_tokens": [len(e.tokens) for e in eps],
+        "observation_tokens": [s[1] - s[0] for s in (t.obs_span for t in episodes[0].turns) if s],
+        "episode_tokens": [len(e.tokens) for e in episodes],
         "max_response_length": spec.max_response_length,
         "limit_s": limit,
         "searchr1_generated_tokens": sr1_stats["generated_tokens"],
@@ -297,17 +295,14 @@ def measure_long_tail(jmodel, tmodel, tokenizer, retriever, script: scripted.Lon
     given the slot engine's tokens of the warm-up run, so every method does the same work."""
     import dataclasses
 
-    graphdef, state = nnx.split(jmodel)
-    sampler = sampling.Sampler(
-        graphdef, jmodel.cfg, eos_ids=[tokenizer.eos_id], pad_id=tokenizer.pad_id,
-        stop_strings=rollout.STOP_STRINGS, token_bytes=tokenizer.token_bytes,
-    )
+    graphdef, params = nnx.split(jmodel)
+    sampler = make_sampler(graphdef, jmodel.cfg, tokenizer)
     rows = spec.long_tail_rows
     questions = [scripted.QUESTIONS[i % len(scripted.QUESTIONS)] for i in range(rows)]
     prompts = [list(script.prompts[i % len(script.prompts)]) for i in range(rows)]
     base = dataclasses.replace(rollout_config(spec, "cache"), greedy=False, temperature=1.0, top_k=2)
     runners = _our_runners(sampler, tokenizer, retriever, base, rows)
-    ref = runners["interrupt_resume"].run(state, questions, n=1)
+    ref = runners["interrupt_resume"].run(params, questions, n=1)
     forced = [[e.tokens[t.policy_span[0]:t.policy_span[1]] for t in e.turns] for e in ref]
 
     def search_r1(st):
@@ -317,7 +312,7 @@ def measure_long_tail(jmodel, tmodel, tokenizer, retriever, script: scripted.Lon
     def torch_kv(st):
         return torch_kv_lib.run_episodes(tmodel, tokenizer, retriever, prompts, base, forced=forced, stats=st)
 
-    samples, last, stats, contenders = _time_all(runners, state, questions,
+    samples, last, stats, contenders = _time_all(runners, params, questions,
                                                  {"searchr1_torch": search_r1, "torch_kv_reuse": torch_kv}, reps)
     _check_all_same(ref, {n: last[n] for n in last})
     lens = np.array([t.policy_span[1] - t.policy_span[0] for e in ref for t in e.turns])

@@ -38,7 +38,7 @@ def run_episodes(model, tokenizer, retriever, prompts, cfg: rollout.RolloutConfi
     tokens = [list(p) for p in prompts]
     cache = DynamicCache()
     state = {"mask": None, "pos": torch.zeros(b, dtype=torch.long, device=dev)}
-    invalid_ids = tokenizer.encode(rollout.INVALID_ACTION_MESSAGE)
+    invalid_ids = tokenizer.encode(cfg.invalid_action_message)
 
     def forward(ids: np.ndarray, mask: np.ndarray, logits):
         """Feeds a [b, C] block on the cache; rows with a valid token get new next-token logits."""
@@ -104,7 +104,7 @@ def run_episodes(model, tokenizer, retriever, prompts, cfg: rollout.RolloutConfi
                 obs[i] = invalid_ids
         if searches:
             t0 = time.perf_counter()
-            results = retriever.search([q for _, q in searches], cfg.topk)
+            results = retriever.search([q for _, q in searches], cfg.docs_per_search)
             stats["retrieval_s"] += time.perf_counter() - t0
             for (i, _), docs in zip(searches, results):
                 obs[i] = rollout.observation_ids(tokenizer, format_docs(docs), cfg.max_obs_length)

@@ -5,6 +5,8 @@
 POST /retrieve {"queries": [...], "topk": 3, "return_scores": true}
   -> {"result": [[{"document": {"id": ..., "contents": "Title\\ntext"}, "score": 0.83}, ...], ...]}
   (with return_scores false: {"result": [[{"id": ..., "contents": ...}, ...], ...]})
+  An empty "queries" list gets {"result": []}, as from Search-R1's server: Search-R1's trainer
+  posts one request every turn, also when no row searched.
 GET /health -> {"status": "ok", "count": N, "mode": "exact"|"scann"}
 Bad requests get HTTP 400 with {"error": message}.
 """
@@ -73,6 +75,9 @@ class _Handler(BaseHTTPRequestHandler):
             return_scores = bool(request.get("return_scores", False))
             if not isinstance(queries, list):
                 raise ValueError('"queries" must be a JSON list of strings')
+            if not queries:  # nothing to search: Search-R1's server answers with no results
+                self._send(200, {"result": []})
+                return
             check_request(queries, topk, self.server.count)
             with self.server.lock:  # one search at a time: bounded memory, no jit races
                 rows = _rows(self.server.retriever, queries, topk)
