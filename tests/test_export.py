@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
         trainer.train()
     finally:
         trainer.close()
-    return str(root / "run"), nnx.merge(trainer.graphdef, trainer.params), trainer.tokenizer
+    return str(root / "run"), nnx.merge(trainer.rt.graphdef, trainer.params), trainer.rt.tokenizer
 
 
 def _ours(model, ids):

@@ -81,7 +81,7 @@ def test_evaluate_a_given_step_leaves_the_workdir_alone(trained):
     a, b = jax.tree.leaves(rt1.params), jax.tree.leaves(rt2.params)
     assert any(not np.array_equal(x, y) for x, y in zip(a, b))
     assert (open(run_config).read(), os.path.getmtime(run_config)) == before
-    with pytest.raises(FileNotFoundError, match="no step 7"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint of step 7"):
         evaluate.evaluate(config, wd, step=7)
 
 

@@ -190,14 +190,14 @@ def test_learning_rate_is_stepped_per_training_step_not_per_update(index_dir, tm
                                        "optim.warmup_steps": 3, "total_steps": 3})
     trainer = Trainer(config, str(tmp_path / "lr"))
     applied = []
-    original = trainer.updater.update
+    original = trainer.rt.updater.update
 
     def recording_update(params, opt_state, batch, lr=None):
         out = original(params, opt_state, batch, lr=lr)
         applied.append((trainer_step[0], float(optax.tree_utils.tree_get(out[1], "learning_rate"))))
         return out
 
-    trainer.updater.update = recording_update
+    trainer.rt.updater.update = recording_update
     trainer_step = [0]
     step = trainer.step
 
@@ -211,7 +211,7 @@ def test_learning_rate_is_stepped_per_training_step_not_per_update(index_dir, tm
     finally:
         trainer.close()
     assert [s for s, _ in applied] == [1, 1, 2, 2, 3, 3]  # 16 rows / mini-batch 8: two updates per step
-    expect = {s: float(np.float32(trainer.schedule(s - 1))) for s in (1, 2, 3)}
+    expect = {s: float(np.float32(trainer.rt.schedule(s - 1))) for s in (1, 2, 3)}
     assert expect[1] == 0.0 and 0 < expect[2] < expect[3] < config.optim.lr
     for s, lr in applied:
         assert lr == expect[s], (s, lr, expect[s])
@@ -264,24 +264,24 @@ def test_search_r1_parquet_trains_and_evaluates_with_its_own_prompts(index_dir, 
     config_checks.validate_config(config)
     trainer = Trainer(config, str(tmp_path / "run"))
     prompts = []
-    run_episodes = trainer.runner.run
+    run_episodes = trainer.rt.runner.run
 
     def recording_run(state, questions, *a, **k):
         episodes = run_episodes(state, questions, *a, **k)
         prompts.extend((q, e.tokens[: e.prompt_len]) for q, e in zip(questions, episodes[:: k.get("n", 1)]))
         return episodes
 
-    trainer.runner.run = recording_run
+    trainer.rt.runner.run = recording_run
     try:
         last = trainer.train()
     finally:
         trainer.close()
-    tok = trainer.tokenizer
+    tok = trainer.rt.tokenizer
     assert tok.has_chat_template and prompts
     for messages, ids in prompts:
         assert messages[0]["content"].startswith("Answer the given question. You must conduct reasoning")
         assert ids == tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
-    assert trainer.runner.cfg.invalid_action_message == rollout.SEARCH_R1_INVALID_ACTION_MESSAGE
+    assert trainer.rt.runner.cfg.invalid_action_message == rollout.SEARCH_R1_INVALID_ACTION_MESSAGE
     assert "val/em/all" in last and np.isfinite(last["critic/score/mean"])
     table = open(os.path.join(str(tmp_path / "run"), "eval", "step_2.md")).read()
     assert "**all** | 4 |" in table

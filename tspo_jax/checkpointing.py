@@ -55,7 +55,7 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"{self.directory} holds no finished checkpoint step: train first")
         if step not in self.manager.all_steps():
-            raise FileNotFoundError(f"{self.directory} has no step {step}; it holds {sorted(self.manager.all_steps())}")
+            raise FileNotFoundError(f"{self.directory} has no checkpoint of step {step}; it holds {sorted(self.manager.all_steps())}")
         target = {"params": abstract_params}
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
