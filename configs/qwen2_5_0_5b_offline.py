@@ -64,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.retriever.timeout_s = 30.0
 
     c.rollout.max_turns = 2
+    c.rollout.slots = 0  # one slot per row: 16 rows, on any number of devices
     c.rollout.max_response_length = 128
     c.rollout.max_obs_length = 256
     c.rollout.max_prompt_length = 256

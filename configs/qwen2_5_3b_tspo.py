@@ -167,6 +167,12 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
             top_k=0,
             greedy=False,  # evaluation is greedy (train.py)
             resume="cache",
+            engine="slots",
+            # 640 decode slots hold 640 x 4,608 positions of KV (109 GB for 3B, 168 GB for 7B in
+            # bf16; 1/8 of that per GPU on gpu8) instead of all 2,560 rows (435 GB / 676 GB); a
+            # multiple of the batch devices of every mesh above. `python -m tspo_jax.plan` checks it.
+            slots=640,
+            decode_chunk=64,  # most decode steps per compiled call before the host looks again
             on_retriever_error="raise",  # a dead retriever stops the run; rerun resumes
             # Search-R1's instruction (nq_search.py's 'base' prefix); used for question-only files
             # (--config.data.prompt_source=template) and by generate/compare on this workdir.

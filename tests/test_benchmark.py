@@ -354,6 +354,17 @@ def test_smoke_run_writes_json_and_markdown(tmp_path, capsys):
     assert e["searchr1_generated_tokens"] == 2 * 2 * 24  # rows x turns x the per-turn limit
     for m in ("interrupt_resume", "reprefill", "searchr1_torch"):
         assert e[m]["episodes_per_s"] > 0 and e[m]["pct_of_limit"] > 0
+    # The slot engine's contenders and the KV-reusing PyTorch loop ran the same episodes (checked
+    # inside); the long-tailed shape sampled turns of different lengths, replayed by PyTorch.
+    for m in ("slots_quarter", "lockstep", "torch_kv_reuse"):
+        assert e[m]["episodes_per_s"] > 0 and e[m]["kv_bytes"] > 0
+    lt = e["long_tailed"]
+    assert lt["rows"] == 4 and lt["turn_tokens"]["max"] <= 24 < lt["policy_tokens"]
+    assert lt["turn_tokens"]["max"] > lt["turn_tokens"]["median"]  # the turns differ in length
+    for m in ("interrupt_resume", "slots_quarter", "lockstep", "reprefill", "searchr1_torch", "torch_kv_reuse"):
+        assert lt[m]["episodes_per_s"] > 0
+    assert 0 < lt["lockstep"]["occupancy"] <= lt["interrupt_resume"]["occupancy"] <= 1
+    assert lt["slots_quarter"]["kv_bytes"] < lt["lockstep"]["kv_bytes"]  # KV grows with S, not rows
     u = c["update"]
     assert u["loss_rel_diff"] < 1e-4 and u["grad_norm_rel_diff"] < 1e-3
     assert u["ours"]["compiles"] in (1, None)
@@ -361,5 +372,5 @@ def test_smoke_run_writes_json_and_markdown(tmp_path, capsys):
     assert any("update" in m for m in u["ours_profile"]["modules"])
     md = (tmp_path / "bench.md").read_text()
     for heading in ("## tiny", "### Decode", "### Search episodes", "### Policy-update step", "Measured limits",
-                    "Profile of ours"):
+                    "Profile of ours", "Long-tailed shape", "torch_kv_reuse"):
         assert heading in md

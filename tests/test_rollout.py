@@ -212,3 +212,108 @@ def test_bad_rollout_config():
         rollout.RolloutConfig(resume="sometimes")
     with pytest.raises(ValueError, match=r"\{question\}"):
         rollout.RolloutConfig(template="no placeholder")
+
+
+# --- the slot engine ----------------------------------------------------------------------------
+def _same_episodes(a, b, logprob_tol=1e-4):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.tokens == y.tokens and x.loss_mask == y.loss_mask and x.turn_ids == y.turn_ids
+        assert (x.uid, x.group, x.stop_reason, x.answer) == (y.uid, y.group, y.stop_reason, y.answer)
+        assert [(t.action, t.policy_span, t.obs_span, t.stop) for t in x.turns] == [
+            (t.action, t.policy_span, t.obs_span, t.stop) for t in y.turns
+        ]
+        assert np.abs(np.asarray(x.logprobs) - np.asarray(y.logprobs)).max() <= logprob_tol
+
+
+def _runners(tok, retriever, after_obs, variants, **base):
+    """One scripted model; a runner per variant (RolloutConfig overrides) sharing its sampler."""
+    first, state = _runner(tok, retriever, after_obs, _cfg(**base))
+    runners = {}
+    for name, kw in variants.items():
+        runners[name] = rollout.EpisodeRunner(first.sampler, tok, retriever, _cfg(**base, **kw))
+    return runners, state
+
+
+QS = [Q_SEARCH, Q_ANSWER, Q_INVALID, Q_SEARCH, Q_INVALID]
+
+
+def test_slots_greedy_equal_lockstep_and_reprefill_with_refill(tok, retriever):
+    """5 questions x 2 = 10 rows in 3 slots (refilled as episodes end, in an order set by their
+    lengths); decode chunks of 5 steps cut turns (and the stop-string matcher) across calls."""
+    runners, state = _runners(tok, retriever, SEARCH_TURN, {
+        "slots": dict(slots=3, decode_chunk=5),
+        "slots_reprefill": dict(slots=3, decode_chunk=7, resume="reprefill"),
+        "lockstep": dict(engine="lockstep"),
+        "lockstep_reprefill": dict(engine="lockstep", resume="reprefill"),
+    }, max_turns=3)
+    got = {name: r.run(state, QS, n=2) for name, r in runners.items()}
+    ref = got["lockstep"]
+    assert {e.stop_reason for e in ref} == {"answer", "max_turns"}
+    assert max(e.num_turns for e in ref) == 4 and min(e.num_turns for e in ref) == 1
+    for name in ("slots", "slots_reprefill", "lockstep_reprefill"):
+        _same_episodes(got[name], ref)
+    st = runners["slots"].stats
+    assert st["cache_rows"] == 3 and runners["lockstep"].stats["cache_rows"] == 10
+    assert runners["slots"].sampler.compile_counts["refill"] >= 1
+    assert 0 < st["occupancy"] <= 1 and st["live_steps"] == sum(sum(e.loss_mask) for e in got["slots"])
+    # KV memory grows with the slots, not with the rows.
+    assert st["kv_bytes"] * 3 < runners["lockstep"].stats["kv_bytes"]
+
+
+def test_sampled_episodes_do_not_depend_on_slots_or_engine(tok, retriever):
+    runners, state = _runners(tok, retriever, ANSWER_TURN, {
+        "all": dict(slots=0), "quarter": dict(slots=2, decode_chunk=3), "lockstep": dict(engine="lockstep"),
+    }, greedy=False, temperature=4.0, max_response_length=12)
+    qs = [Q_SEARCH, Q_ANSWER, Q_INVALID, Q_SEARCH]
+    got = {name: r.run(state, qs, n=2, seed=3) for name, r in runners.items()}
+    assert runners["quarter"].stats["cache_rows"] == 2  # 8 rows in 2 slots
+    _same_episodes(got["quarter"], got["all"])
+    _same_episodes(got["lockstep"], got["all"])
+    other = runners["all"].run(state, qs, n=2, seed=4)
+    assert [e.tokens for e in other] != [e.tokens for e in got["all"]]  # the seed matters
+    # Rows of one group sample differently (their keys differ by episode).
+    assert got["all"][0].tokens != got["all"][1].tokens
+
+
+def test_slots_on_a_mesh_split_over_batch_devices_and_equal_one_device(tok, retriever):
+    from tspo_jax import sharding as shd
+
+    runners, state = _runners(tok, retriever, SEARCH_TURN, {"one": dict(slots=4, decode_chunk=6)}, max_turns=2)
+    expect = runners["one"].run(state, QS, n=2)
+    mesh = shd.make_mesh((2, 2, 2))
+    smp = runners["one"].sampler
+    sharded = sampling.Sampler(smp.graphdef, smp.cfg, eos_ids=[tok.eos_id], pad_id=tok.pad_id,
+                               stop_strings=rollout.STOP_STRINGS, token_bytes=tok.token_bytes, mesh=mesh)
+    runner = rollout.EpisodeRunner(sharded, tok, retriever, _cfg(max_turns=2, slots=4, decode_chunk=6))
+    got = runner.run(jax.device_put(state, shd.state_shardings(state, mesh)), QS, n=2)
+    _same_episodes(got, expect)
+    gen = sharded.init_slots(4, 64)
+    assert gen.cache.k[0].sharding.spec[0] == shd.BATCH_AXES
+    assert gen.cache.k[0].addressable_shards[0].data.shape[0] == 1  # 4 slots over 4 batch devices
+    # 6 slots are padded to 8 (a multiple of the 4 batch devices), not to a power of two.
+    runner.cfg = _cfg(max_turns=2, slots=6)
+    runner.run(state, QS, n=2)
+    assert runner.stats["cache_rows"] == 8
+
+
+def test_abstract_calls_lower_without_weights_or_data(tok, retriever):
+    runners, state = _runners(tok, retriever, ANSWER_TURN, {"x": {}})
+    smp = runners["x"].sampler
+    shapes = jax.eval_shape(lambda: state)
+    gen = smp.abstract_cache(6, 160)
+    assert gen.cache.k[0].shape == (6, smp.cfg.num_kv_heads, 160, smp.cfg.head_dim)
+    for name in ("prefill", "refill", "append", "decode"):
+        fn, args, kw = smp.abstract_call(name, shapes, rows=6, length=160, block=32, block_rows=2, chunk=8)
+        assert fn.lower(*args, **kw) is not None
+    with pytest.raises(ValueError, match="unknown function"):
+        smp.abstract_call("score", shapes, rows=6, length=160)
+
+
+def test_bad_slot_settings():
+    with pytest.raises(ValueError, match="decode_chunk must be"):
+        rollout.RolloutConfig(decode_chunk=0)
+    with pytest.raises(ValueError, match="slots must be"):
+        rollout.RolloutConfig(slots=-2)
+    with pytest.raises(ValueError, match="engine must be"):
+        rollout.RolloutConfig(engine="vllm")

@@ -149,6 +149,9 @@ def test_sigterm_saves_and_exits_cleanly(index_dir, tmp_path, monkeypatch):
         ({"optim.schedule": "linear"}, "constant or cosine"),
         ({"mesh.shape": (3, 1, 1)}, "needs 3 devices"),
         ({"model.attention_chunk": 0}, "attention_chunk"),
+        ({"rollout.slots": 4}, r"rollout\.slots=4 must be a multiple of the data x fsdp devices \(8\)"),
+        ({"rollout.decode_chunk": 0}, "decode_chunk must be"),
+        ({"rollout.engine": "vllm"}, "engine must be"),
     ],
 )
 def test_bad_config_is_a_clear_error_before_compute(index_dir, override, message):

@@ -86,7 +86,7 @@ def validate_config(c: ml_collections.ConfigDict, *, check_files: bool = True, d
         raise ConfigError("reward.num_turns is gone: the reward's turn slots follow rollout.max_turns + 1; "
                           "delete the key")
     try:
-        rollout.RolloutConfig(**c.rollout.to_dict())
+        rcfg = rollout.RolloutConfig(**c.rollout.to_dict())
     except TypeError as e:
         raise ConfigError(f"config.rollout has a key RolloutConfig does not know: {e}") from None
     except ValueError as e:
@@ -114,6 +114,9 @@ def validate_config(c: ml_collections.ConfigDict, *, check_files: bool = True, d
         if value % batch_devices:
             raise ConfigError(f"{name}={value} must be a multiple of the data x fsdp devices "
                               f"({batch_devices}) the batch is split over")
+    if rcfg.slots % batch_devices:
+        raise ConfigError(f"rollout.slots={rcfg.slots} must be a multiple of the data x fsdp devices "
+                          f"({batch_devices}) the decode slots are split over (0: one slot per row)")
     chunk = c.model.get("attention_chunk", 1)
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise ConfigError(f"model.attention_chunk={chunk!r} must be a positive int (query positions per "

@@ -1,14 +1,24 @@
 """Multi-turn search episodes: decoding interrupted by tool calls, resumed on the same KV cache.
 
-For a batch of rows (questions x group size), each turn decodes every live row until it stops
-(`</search>`, `</answer>`, EOS or the per-turn budget). Rows that searched get their query parsed,
-retrieved in one batched call, formatted as Search-R1's `<information>` observation, tokenized,
-truncated, and appended to *their* cache rows only (one compiled append); then decoding resumes.
-Nothing is decoded and re-tokenized: the token ids in an `Episode` are exactly the ones the model
-consumed, so training scores the same sequence the sampler produced.
+A turn decodes a row until it stops (`</search>`, `</answer>`, EOS or the per-turn budget). A row
+that searched gets its query parsed, retrieved in one batched call with the other rows that
+searched, formatted as Search-R1's `<information>` observation, tokenized, truncated, and appended
+to *its* cache row only; then its decoding resumes. Nothing is decoded and re-tokenized: the token
+ids in an `Episode` are exactly the ones the model consumed, so training scores what was sampled.
+
+Two engines (`engine`):
+  slots     (default) S decode slots (`slots`; 0 = one per row). Episodes wait for a free slot,
+            are prefilled into it alone, and decode in compiled chunks of at most `decode_chunk`
+            steps that return to the host as soon as any slot stops. Between chunks the host ends
+            turns, runs one retrieval call for every slot that searched, appends observations
+            into those slots, frees finished slots and refills them. No row waits for another's
+            turn, and KV memory grows with S, not with the rows.
+  lockstep  every row of the step in one cache; each turn lasts as long as its longest row.
+A row samples with keys made from (run key, episode index, turn, position), so both engines, any S
+and any finishing order sample the same episodes.
 
 `resume="reprefill"` is the naive method kept for tests and benchmarks: every turn prefills the
-whole context so far into a fresh cache. Greedy episodes of both methods are identical.
+whole context so far from scratch. Greedy episodes of every method are identical.
 """
 
 from __future__ import annotations
@@ -83,6 +93,9 @@ class RolloutConfig:
     top_k: int = 0
     greedy: bool = False
     resume: str = "cache"  # "cache" (interrupt/resume) or "reprefill" (naive, for tests/benchmarks)
+    engine: str = "slots"  # "slots" (bounded decode slots, refilled) or "lockstep" (all rows per turn)
+    slots: int = 0  # decode slots of the slot engine; 0 = one per row of the step
+    decode_chunk: int = 64  # most decode steps per compiled call before the host looks again
     on_retriever_error: str = "raise"  # "raise" or "observe" (the error text becomes the observation)
     template: str = DEFAULT_TEMPLATE  # text with {question}, or a PROMPT_PRESETS name
     use_chat_template: bool = True
@@ -96,6 +109,13 @@ class RolloutConfig:
             raise ValueError(f"invalid_action_message is empty: give its text or a preset name {sorted(PROMPT_PRESETS)}")
         if self.resume not in ("cache", "reprefill"):
             raise ValueError(f"resume must be 'cache' or 'reprefill', got {self.resume!r}")
+        if self.engine not in ("slots", "lockstep"):
+            raise ValueError(f"engine must be 'slots' or 'lockstep', got {self.engine!r}")
+        if not isinstance(self.slots, int) or self.slots < 0:
+            raise ValueError(f"slots must be an int >= 0 (0: one slot per row), got {self.slots!r}")
+        if not isinstance(self.decode_chunk, int) or self.decode_chunk < 1:
+            raise ValueError(f"decode_chunk must be an int >= 1 (decode steps per compiled call), got "
+                             f"{self.decode_chunk!r}")
         if self.on_retriever_error not in ("raise", "observe"):
             raise ValueError(
                 f"on_retriever_error must be 'raise' or 'observe', got {self.on_retriever_error!r}"
@@ -122,8 +142,12 @@ class RolloutConfig:
         if self.max_context_length:
             return self.max_context_length
         turns = self.num_turns
-        obs_width = sampling.bucket(max(self.max_obs_length, len(self.invalid_action_message)), 16)
+        obs_width = sampling.round_up(max(self.max_obs_length, len(self.invalid_action_message)), 16)
         return prompt_len + turns * self.max_response_length + self.max_turns * obs_width
+
+    def cache_length(self, prompt_len: int) -> int:
+        """Positions per cache row: the context length, padded to a multiple of 16."""
+        return sampling.round_up(self.context_length(prompt_len), 16)
 
 
 @dataclasses.dataclass
@@ -230,7 +254,11 @@ def observation_ids(tokenizer, docs_text: str, max_obs_length: int) -> list[int]
 
 
 class EpisodeRunner:
-    """Runs batched search episodes with one model, tokenizer and retriever."""
+    """Runs batched search episodes with one model, tokenizer and retriever.
+
+    After `run`, `timing` holds seconds (retrieval, total) and `stats` the engine's counters:
+    decode_steps, slot_steps (decode steps x rows of the cache), live_steps (slot-steps that
+    decoded a live row), occupancy (their ratio), cache_rows, cache_len and kv_bytes (the cache)."""
 
     def __init__(self, sampler: sampling.Sampler, tokenizer, retriever: Retriever | None, cfg: RolloutConfig):
         if tuple(sampler.stop_table.stop_strings[:2]) != STOP_STRINGS:
@@ -241,6 +269,7 @@ class EpisodeRunner:
         self.cfg = cfg
         self._invalid = tokenizer.encode(cfg.invalid_action_message)
         self.timing: dict[str, float] = {}
+        self.stats: dict[str, float] = {}
 
     # --- host-side environment ----------------------------------------------------------------
     def _observation_ids(self, docs_text: str) -> list[int]:
@@ -263,6 +292,68 @@ class EpisodeRunner:
             raise RetrieverError(f"retriever returned {len(results)} result lists for {len(queries)} queries")
         return results
 
+    def _end_turn(self, ep: Episode, ids: list[int], logprobs: list[float], stop_code: int, turn: int) -> str:
+        """Records a finished policy turn; returns what comes next: "done", "search" (the query is
+        on the turn) or "invalid" (the invalid-action message follows)."""
+        k = len(ids)
+        start = len(ep.tokens)
+        ep.tokens += ids
+        ep.loss_mask += [1] * k
+        ep.turn_ids += [turn] * k
+        ep.logprobs += logprobs
+        text = self.tokenizer.decode(ids)
+        stop = sampling.STOP_NAMES[stop_code]
+        action, content = parse_action(text) if stop == "stop_string" else ("invalid", None)
+        t = Turn(action=action, policy_span=(start, start + k), obs_span=None, text=text, observation=None, stop=stop)
+        ep.turns.append(t)
+        if stop == "context":
+            ep.stop_reason = "context"
+            return "done"
+        if action == "answer":
+            ep.answer, ep.stop_reason = content, "answer"
+            return "done"
+        if turn >= self.cfg.max_turns:  # the last turn may not search
+            t.action = "search_disabled" if action == "search" else action
+            ep.stop_reason = "max_turns"
+            return "done"
+        if action == "search":
+            t.query = content[:MAX_QUERY_CHARS]
+            return "search"
+        t.observation = self.cfg.invalid_action_message
+        return "invalid"
+
+    def _observations(self, episodes: list[Episode], nexts: dict[int, str]) -> dict[int, list[int]]:
+        """Observation ids for every episode whose turn searched (one retrieval call) or was invalid."""
+        obs = {i: list(self._invalid) for i, what in nexts.items() if what == "invalid"}
+        searches = [i for i, what in nexts.items() if what == "search"]
+        if searches:
+            results = self._retrieve([episodes[i].turns[-1].query for i in searches])
+            for j, i in enumerate(searches):
+                turn_rec = episodes[i].turns[-1]
+                if isinstance(results, str):
+                    ids = self._observation_ids(results)
+                else:
+                    turn_rec.docs = results[j]
+                    ids = self._observation_ids(format_docs(results[j]))
+                turn_rec.observation = self.tokenizer.decode(ids)
+                obs[i] = ids
+        return obs
+
+    @staticmethod
+    def _add_observation(ep: Episode, ids: list[int], turn: int) -> None:
+        start = len(ep.tokens)
+        ep.tokens += ids
+        ep.loss_mask += [0] * len(ids)
+        ep.turn_ids += [turn] * len(ids)
+        ep.logprobs += [0.0] * len(ids)
+        ep.turns[-1].obs_span = (start, start + len(ids))
+
+    @staticmethod
+    def _no_room(ep: Episode) -> None:
+        """The observation would leave no room for a next turn: the episode ends here."""
+        ep.stop_reason = "context"
+        ep.turns[-1].observation = None
+
     # --- the episode loop ----------------------------------------------------------------------
     def run(
         self,
@@ -276,10 +367,9 @@ class EpisodeRunner:
     ) -> list[Episode]:
         """Episodes for every question repeated n times (rows of one question are adjacent).
         A question is a string for the template, or a row's chat messages (see build_prompt)."""
-        cfg, tok, smp = self.cfg, self.tokenizer, self.sampler
-        self.timing = {}
+        cfg, tok = self.cfg, self.tokenizer
+        self.timing, self.stats = {}, {"decode_steps": 0, "slot_steps": 0, "live_steps": 0}
         uids = list(uids) if uids is not None else [str(i) for i in range(len(questions))]
-        rows = len(questions) * n
         prompts = [build_prompt(tok, q, cfg) for q in questions for _ in range(n)]
         episodes = [
             Episode(
@@ -296,104 +386,164 @@ class EpisodeRunner:
             )
             for i, p in enumerate(prompts)
         ]
-        b = sampling.bucket(rows, smp.row_multiple)
-        width = sampling.bucket(max(len(p) for p in prompts), 16)
-        max_len = sampling.bucket(cfg.context_length(width), 64)
         rng = jax.random.key(seed) if rng is None else rng
-        alive = np.zeros(b, bool)
-        alive[:rows] = True
-
         t0 = time.perf_counter()
-        gen = smp.prefill(params, *sampling.left_pad(prompts, width, smp.pad_id, num_rows=b), max_len=max_len)
-        for turn in range(cfg.num_turns):
-            if not alive.any():
-                break
-            search_allowed = turn < cfg.max_turns
-            if cfg.resume == "reprefill" and turn > 0:
-                gen = self._reprefill(params, episodes, b, max_len)
-            rng, key = jax.random.split(rng)
-            gen, out = smp.decode(
-                params, gen, key, max_new=cfg.max_response_length, sampling=cfg.sampling_params, active=alive
-            )
-            out = to_host(out)  # every process needs every row: host-side work is replicated
-            appends: dict[int, list[int]] = {}
-            searches: list[tuple[int, str]] = []
-            for i in np.flatnonzero(alive):
-                ep = episodes[i]
-                k = int(out.num_tokens[i])
-                ids = out.tokens[i, :k].tolist()
-                start = len(ep.tokens)
-                ep.tokens += ids
-                ep.loss_mask += [1] * k
-                ep.turn_ids += [turn] * k
-                ep.logprobs += out.logprobs[i, :k].tolist()
-                text = tok.decode(ids)
-                stop = sampling.STOP_NAMES[int(out.stop_reason[i])]
-                action, content = parse_action(text) if stop == "stop_string" else ("invalid", None)
-                t = Turn(
-                    action=action,
-                    policy_span=(start, start + k),
-                    obs_span=None,
-                    text=text,
-                    observation=None,
-                    stop=stop,
-                )
-                ep.turns.append(t)
-                if stop == "context":
-                    ep.stop_reason, alive[i] = "context", False
-                elif action == "answer":
-                    ep.answer, ep.stop_reason, alive[i] = content, "answer", False
-                elif not search_allowed:
-                    t.action = "search_disabled" if action == "search" else action
-                    ep.stop_reason, alive[i] = "max_turns", False
-                elif action == "search":
-                    t.query = content[:MAX_QUERY_CHARS]
-                    searches.append((i, t.query))
-                else:
-                    t.observation = cfg.invalid_action_message
-                    appends[i] = list(self._invalid)
-            if searches:
-                results = self._retrieve([q for _, q in searches])
-                for j, (i, _) in enumerate(searches):
-                    turn_rec = episodes[i].turns[-1]
-                    if isinstance(results, str):
-                        obs_ids = self._observation_ids(results)
-                    else:
-                        turn_rec.docs = results[j]
-                        obs_ids = self._observation_ids(format_docs(results[j]))
-                    turn_rec.observation = tok.decode(obs_ids)
-                    appends[i] = obs_ids
-            if not appends:
-                continue
-            # Rows whose observation would not leave room for a next turn end here.
-            room = max_len - int(gen.cache.index)
-            width = sampling.bucket(max(len(v) for v in appends.values()), 16)
-            if width + 1 > room:
-                for i in appends:
-                    episodes[i].stop_reason, alive[i] = "context", False
-                    episodes[i].turns[-1].observation = None
-                continue
-            for i, ids in appends.items():
-                ep = episodes[i]
-                start = len(ep.tokens)
-                ep.tokens += ids
-                ep.loss_mask += [0] * len(ids)
-                ep.turn_ids += [turn] * len(ids)
-                ep.logprobs += [0.0] * len(ids)
-                ep.turns[-1].obs_span = (start, start + len(ids))
-            if cfg.resume == "cache":
-                seqs = [appends.get(i, []) for i in range(b)]
-                gen = smp.append(params, gen, *sampling.right_pad(seqs, width, smp.pad_id))
+        if episodes:
+            (self._run_slots if cfg.engine == "slots" else self._run_lockstep)(params, episodes, rng)
         for ep in episodes:
             if ep.answer is None:
                 ep.answer = extract_answer("".join(t.text for t in ep.turns))
         self.timing["total"] = time.perf_counter() - t0
+        st = self.stats
+        st["occupancy"] = st["live_steps"] / st["slot_steps"] if st["slot_steps"] else 0.0
         return episodes
 
-    def _reprefill(self, params, episodes: list[Episode], b: int, max_len: int):
-        """The naive method: the whole context so far, prefilled from scratch."""
-        seqs = [ep.tokens for ep in episodes]
-        width = sampling.bucket(max(len(s) for s in seqs), 16)
-        return self.sampler.prefill(
-            params, *sampling.left_pad(seqs, width, self.sampler.pad_id, num_rows=b), max_len=max_len
-        )
+    def _count(self, gen, out) -> None:
+        st = self.stats
+        st["decode_steps"] += int(out.steps)
+        st["slot_steps"] += int(out.steps) * gen.next_logits.shape[0]
+        st["live_steps"] += int(out.live_steps)
+        st["cache_rows"], st["cache_len"] = gen.cache.batch, gen.cache.max_len
+        st["kv_bytes"] = max(st.get("kv_bytes", 0), sum(x.nbytes for x in jax.tree.leaves(gen.cache)))
+
+    def _run_slots(self, params, episodes: list[Episode], rng) -> None:
+        """The slot engine (see the module docstring)."""
+        cfg, smp = self.cfg, self.sampler
+        rows = len(episodes)
+        num = sampling.round_up(min(cfg.slots or rows, rows), smp.row_multiple)
+        max_len = cfg.cache_length(max(e.prompt_len for e in episodes))
+        gen = smp.init_slots(num, max_len)
+        slot_ep = np.full(num, -1)  # episode in each slot, -1: free
+        lengths = np.zeros(num, np.int64)  # each slot's cache write index, mirrored on the host
+        count = np.zeros(num, np.int32)  # tokens of the current turn so far
+        matcher = np.zeros(num, np.int32)
+        turn = np.zeros(rows, np.int32)
+        buf: dict[int, tuple[list[int], list[float]]] = {}  # current turn's tokens per slot
+        waiting = list(range(rows))
+
+        def fill(gen, slots, seqs):
+            """Prefills seqs into slots (one compiled call, padded rows and width)."""
+            r = sampling.bucket(len(slots), 1)
+            width = sampling.round_up(max(len(x) for x in seqs), 16)
+            toks, valid = sampling.right_pad(seqs, width, smp.pad_id, num_rows=r)
+            ids = np.full(r, num, np.int32)  # padding rows go to an id past the last slot: dropped
+            ids[: len(slots)] = slots
+            for s, x in zip(slots, seqs):
+                lengths[s] = len(x)
+            return smp.refill(params, gen, ids, toks, valid)
+
+        while True:
+            free = np.flatnonzero(slot_ep < 0)[: len(waiting)]
+            if len(free):
+                new, waiting = waiting[: len(free)], waiting[len(free) :]
+                slot_ep[free] = new
+                count[free], matcher[free] = 0, 0
+                for s in free:
+                    buf[s] = ([], [])
+                gen = fill(gen, free, [episodes[i].tokens for i in new])
+            active = slot_ep >= 0
+            if not active.any():
+                break
+            ep_ids = np.where(active, slot_ep, 0)
+            gen, out = smp.decode(
+                params, gen, rng, max_new=cfg.decode_chunk, sampling=cfg.sampling_params, active=active,
+                budget=np.full(num, cfg.max_response_length, np.int32), count=count, matcher=matcher,
+                seq_ids=ep_ids, turns=turn[ep_ids], until="any", lengths=lengths,
+            )
+            out = to_host(out)  # every process needs every row: host-side work is replicated
+            self._count(gen, out)
+            nexts: dict[int, str] = {}  # episode -> what follows its finished turn
+            slot_of: dict[int, int] = {}
+            for s in np.flatnonzero(active):
+                k = int(out.num_tokens[s])
+                ids, lps = buf[s]
+                ids += out.tokens[s, :k].tolist()
+                lps += out.logprobs[s, :k].tolist()
+                lengths[s] += k
+                count[s] += k
+                matcher[s] = out.matcher[s]
+                reason = int(out.stop_reason[s])
+                if reason == sampling.RUNNING:
+                    continue
+                i = int(slot_ep[s])
+                nexts[i] = self._end_turn(episodes[i], ids, lps, reason, int(turn[i]))
+                slot_of[i] = s
+            obs = self._observations(episodes, nexts)
+            resume: list[int] = []
+            for i, what in nexts.items():
+                s = slot_of[i]
+                if what != "done" and len(obs[i]) + 1 > max_len - lengths[s]:
+                    self._no_room(episodes[i])
+                    what = "done"
+                if what == "done":
+                    slot_ep[s] = -1
+                    continue
+                self._add_observation(episodes[i], obs[i], int(turn[i]))
+                turn[i] += 1
+                count[s], matcher[s] = 0, 0
+                buf[s] = ([], [])
+                resume.append(i)
+            if not resume:
+                continue
+            slots = [slot_of[i] for i in resume]
+            if cfg.resume == "reprefill":
+                gen = fill(gen, slots, [episodes[i].tokens for i in resume])
+                continue
+            r = sampling.bucket(len(slots), 1)
+            width = sampling.round_up(max(len(obs[i]) for i in resume), 16)
+            toks, valid = sampling.right_pad([obs[i] for i in resume], width, smp.pad_id, num_rows=r)
+            ids = np.full(r, num, np.int32)
+            ids[: len(slots)] = slots
+            gen = smp.append(params, gen, toks, valid, ids, lengths=lengths)
+            for i, s in zip(resume, slots):
+                lengths[s] += len(obs[i])
+
+    def _run_lockstep(self, params, episodes: list[Episode], rng) -> None:
+        """Every row in one cache; a turn decodes all live rows until the last one stops."""
+        cfg, smp = self.cfg, self.sampler
+        rows = len(episodes)
+        b = sampling.round_up(rows, smp.row_multiple)
+        width = sampling.round_up(max(e.prompt_len for e in episodes), 16)
+        max_len = cfg.cache_length(width)
+        alive = np.arange(b) < rows
+        seq_ids = np.arange(b)
+        gen = smp.prefill(params, *sampling.left_pad([e.tokens for e in episodes], width, smp.pad_id, num_rows=b),
+                          max_len=max_len)
+        lengths = np.full(b, width)
+        for turn in range(cfg.num_turns):
+            if not alive.any():
+                break
+            if cfg.resume == "reprefill" and turn > 0:
+                seqs = [ep.tokens for ep in episodes]
+                w = sampling.round_up(max(len(x) for x in seqs), 16)
+                gen = smp.prefill(params, *sampling.left_pad(seqs, w, smp.pad_id, num_rows=b), max_len=max_len)
+                lengths[:] = w
+            gen, out = smp.decode(
+                params, gen, rng, max_new=cfg.max_response_length, sampling=cfg.sampling_params, active=alive,
+                seq_ids=seq_ids, turns=np.full(b, turn), lengths=lengths,
+            )
+            out = to_host(out)  # every process needs every row: host-side work is replicated
+            self._count(gen, out)
+            lengths += out.num_tokens
+            nexts = {}
+            for i in np.flatnonzero(alive):
+                k = int(out.num_tokens[i])
+                nexts[i] = self._end_turn(episodes[i], out.tokens[i, :k].tolist(), out.logprobs[i, :k].tolist(),
+                                          int(out.stop_reason[i]), turn)
+            obs = self._observations(episodes, nexts)
+            for i, what in nexts.items():
+                if what != "done" and len(obs[i]) + 1 > max_len - lengths[i]:
+                    self._no_room(episodes[i])
+                    what = "done"
+                if what == "done":
+                    alive[i] = False
+                    obs.pop(i, None)
+                else:
+                    self._add_observation(episodes[i], obs[i], turn)
+            if not obs or cfg.resume == "reprefill":
+                continue
+            w = sampling.round_up(max(len(v) for v in obs.values()), 16)
+            gen = smp.append(params, gen, *sampling.right_pad([obs.get(i, []) for i in range(b)], w, smp.pad_id),
+                             lengths=lengths)
+            for i, v in obs.items():
+                lengths[i] += len(v)

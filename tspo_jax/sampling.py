@@ -1,14 +1,17 @@
-"""Jitted batched sampling on the KV cache: prefill, append, and a while-loop decode with stops.
+"""Jitted batched sampling on the KV cache: prefill, refill, append, and a while-loop decode.
 
-A `Sampler` owns three compiled functions over a `GenState` (the KV cache plus each row's
+A `Sampler` owns four compiled functions over a `GenState` (the KV cache plus each row's
 next-token logits):
-  prefill(tokens, valid)          a left-padded prompt batch into a fresh cache
-  append(gen, tokens, valid)      a block for chosen rows (rows with no valid token are untouched)
-  decode(gen, rng, budget, ...)   sample until every row hit EOS, a stop string or its budget
+  prefill(tokens, valid)             a left-padded prompt batch into a fresh cache
+  refill(gen, slots, tokens, valid)  empty chosen cache rows (decode slots) and prefill them
+  append(gen, tokens, valid, slots)  a block for chosen rows (rows with no valid token are untouched)
+  decode(gen, rng, budget, ...)      sample until every row stopped (until="all"), or until any
+                                     row stopped (until="any": a chunk of the slot engine)
 Decoding never leaves the device per token: the loop is a `lax.while_loop` whose carry (cache
-included) is donated, and it exits as soon as every row has stopped. Batch size and lengths are
-padded to buckets so a new batch of a similar size reuses the compiled code; `compile_counts`
-says how often each function was traced.
+included) is donated. The LM head runs only at each row's last valid position. Row counts are
+padded to a multiple of the batch devices and lengths to small multiples, so similar batches reuse
+the compiled code; `compile_counts` says how often each function was traced. Sampled tokens use a
+key per (sequence, turn, position), so they do not depend on which row or slot a sequence sits in.
 """
 
 from __future__ import annotations
@@ -69,31 +72,45 @@ class DecodeOut:
     tokens: jax.Array  # [B, N] int32 (pad after a row stopped)
     logprobs: jax.Array  # [B, N] fp32, log p(token) under the temperature-scaled model
     num_tokens: jax.Array  # [B] int32 generated this call
-    stop_reason: jax.Array  # [B] int32, one of STOP_*
+    stop_reason: jax.Array  # [B] int32, one of STOP_* (RUNNING: the row goes on in the next call)
     stop_string: jax.Array  # [B] int32 index into the stop strings, or -1
+    matcher: jax.Array  # [B] int32 stop-string matcher state after the call (carry it to the next)
+    steps: jax.Array  # [] int32 loop steps run
+    live_steps: jax.Array  # [] int32 sum over steps of the rows that decoded a token
 
 
 def bucket(n: int, minimum: int = 8) -> int:
-    """Next power of two (at least `minimum`): the shapes we compile for."""
+    """Next power of two (at least `minimum`)."""
     b = minimum
     while b < n:
         b *= 2
     return b
 
 
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple` (at least one multiple): the padded row counts and
+    lengths we compile for (powers of two would waste up to half the rows and cache)."""
+    return max(multiple, -(-n // multiple) * multiple)
+
+
 def _attend_len(needed: int, max_len: int) -> int:
-    """The cache prefix a call attends over: every slot it can write lies below it. Bucketed to
-    powers of two so a whole rollout compiles only a few variants."""
+    """The cache prefix a call attends over: every position it can write lies below it. Bucketed
+    to powers of two (a compute bound, not an allocation) so a rollout compiles few variants."""
     return min(bucket(needed, 128), max_len)
 
 
-def _last_valid_logits(logits, valid, previous):
-    """Per row, the logits after its last valid token of the block; rows with none keep `previous`."""
-    c = valid.shape[1]
-    has = valid.any(axis=1)
-    last = c - 1 - jnp.argmax(valid[:, ::-1], axis=1)
-    picked = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-    return jnp.where(has[:, None], picked.astype(jnp.float32), previous)
+def _keep_or_set(new, has, previous):
+    return jnp.where(has[:, None], new.astype(jnp.float32), previous)
+
+
+def _row_keys(rng, seq_ids, turns, positions):
+    """One key per row from (the call's key, the row's sequence id, its turn, the position of the
+    token it samples): what a row samples never depends on its slot or on the other rows."""
+
+    def one(s, t, p):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, s), t), p)
+
+    return jax.vmap(one)(seq_ids, turns, positions)
 
 
 def _filter_logits(logits, top_k: int, top_p: float, use_top_p: bool):
@@ -112,7 +129,16 @@ def _filter_logits(logits, top_k: int, top_p: float, use_top_p: bool):
 
 
 class Sampler:
-    """Compiled generation for one model structure, vocabulary and set of stop strings."""
+    """Compiled generation for one model structure, vocabulary and set of stop strings.
+
+    Compiled functions (each a `jax.jit`, callable with arrays or lowered with ShapeDtypeStructs;
+    `abstract_call` gives their abstract arguments for a slot count and a context length):
+      prefill_fn(params, tokens, valid, max_len=)      fresh cache for every row (left-padded prompts)
+      refill_fn(params, gen, slots, tokens, valid)     reset `slots` and prefill a block into them
+      append_fn(params, gen, tokens, valid, slots, attend_len=)   a block for chosen rows
+      decode_fn(params, gen, rng, active, budget, count, matcher, seq_ids, turns, temperature,
+                top_p, max_new=, greedy=, top_k=, use_top_p=, attend_len=, until=)
+    """
 
     def __init__(
         self,
@@ -147,8 +173,7 @@ class Sampler:
         # With a mesh, rows (and so the KV cache) are split over the batch axes (data, fsdp) and KV
         # heads over `tensor` where they divide: each device holds and decodes only its rows.
         self.mesh = mesh
-        # Row counts are bucketed to powers of two from here (1, 2, 4, ... alone; a multiple of the
-        # batch devices on a mesh), so a single request decodes one row, not a padded eight.
+        # Row counts are padded to a multiple of this (the batch devices; 1 alone).
         self.row_multiple = 1 if mesh is None else batch_devices(mesh)
         # Embedding rows past the tokenizer's vocabulary (Qwen2.5 pads 151,665 to 151,936) are
         # never sampled.
@@ -158,29 +183,46 @@ class Sampler:
         self._next_state = jnp.asarray(stop_table.next_state)
         self._completes = jnp.asarray(stop_table.completes)
         self.compile_counts: Counter = Counter()
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=("max_len",))
-        self._append = jax.jit(self._append_impl, donate_argnames=("gen",), static_argnames=("attend_len",))
-        self._decode = jax.jit(
+        self.prefill_fn = jax.jit(self._prefill_impl, static_argnames=("max_len",))
+        self.refill_fn = jax.jit(self._refill_impl, donate_argnames=("gen",))
+        self._init_fn = jax.jit(self._init_impl, static_argnames=("slots", "max_len"))
+        self.append_fn = jax.jit(self._append_impl, donate_argnames=("gen",), static_argnames=("attend_len",))
+        self.decode_fn = jax.jit(
             self._decode_impl,
             donate_argnames=("gen",),
-            static_argnames=("max_new", "greedy", "top_k", "use_top_p", "attend_len"),
+            static_argnames=("max_new", "greedy", "top_k", "use_top_p", "attend_len", "until"),
         )
 
     # --- compiled bodies ----------------------------------------------------------------------------
-    def _forward(self, params, tokens, valid, cache, attend_len=None):
-        return apply(self.graphdef, params, tokens, valid=valid, cache=cache, attend_len=attend_len)
+    def _forward(self, params, tokens, valid, cache, attend_len=None, rows=None):
+        """Logits [B, V] at each row's last valid token (the LM head runs nowhere else), new cache."""
+        return apply(
+            self.graphdef, params, tokens, valid=valid, cache=cache, attend_len=attend_len, rows=rows, last_only=True
+        )
 
     def _prefill_impl(self, params, tokens, valid, max_len):
         self.compile_counts["prefill"] += 1
         cache = self._constrain(KVCache.init(self.cfg, tokens.shape[0], max_len))
         logits, cache = self._forward(params, tokens, valid, cache, attend_len=0)
-        cache = self._constrain(cache)
-        next_logits = _last_valid_logits(logits, valid, jnp.zeros(logits.shape[::2], jnp.float32))
-        return GenState(cache, next_logits)
+        return GenState(self._constrain(cache), logits.astype(jnp.float32))
+
+    def _refill_impl(self, params, gen, slots, tokens, valid):
+        self.compile_counts["refill"] += 1
+        cache = gen.cache.reset_rows(slots)
+        logits, cache = self._forward(params, tokens, valid, cache, attend_len=0, rows=slots)
+        has = valid.any(axis=1)
+        old = gen.next_logits.at[slots].get(mode="clip")
+        next_logits = gen.next_logits.at[slots].set(_keep_or_set(logits, has, old), mode="drop")
+        return GenState(self._constrain(cache), next_logits)
 
     def _constrain(self, cache: KVCache) -> KVCache:
         if self.mesh is None:
             return cache
+        return jax.lax.with_sharding_constraint(cache, self.cache_shardings())
+
+    def cache_shardings(self) -> KVCache:
+        """The NamedShardings of a cache's leaves on the mesh: rows over (data, fsdp), KV heads over
+        `tensor` where they divide."""
         from jax.sharding import NamedSharding, PartitionSpec as P
 
         from tspo_jax.sharding import BATCH_AXES
@@ -188,19 +230,24 @@ class Sampler:
         heads = "tensor" if self.cfg.num_kv_heads % self.mesh.shape["tensor"] == 0 else None
         kv = NamedSharding(self.mesh, P(BATCH_AXES, heads, None, None))
         rows = NamedSharding(self.mesh, P(BATCH_AXES))
-        c = jax.lax.with_sharding_constraint
+        layers = self.cfg.num_layers
         return KVCache(
-            k=tuple(c(x, kv) for x in cache.k),
-            v=tuple(c(x, kv) for x in cache.v),
-            valid=c(cache.valid, NamedSharding(self.mesh, P(BATCH_AXES, None))),
-            index=cache.index,
-            next_pos=c(cache.next_pos, rows),
+            k=(kv,) * layers,
+            v=(kv,) * layers,
+            valid=NamedSharding(self.mesh, P(BATCH_AXES, None)),
+            index=rows,
+            next_pos=rows,
         )
 
-    def _append_impl(self, params, gen, tokens, valid, attend_len):
+    def _append_impl(self, params, gen, tokens, valid, slots, attend_len):
         self.compile_counts["append"] += 1
-        logits, cache = self._forward(params, tokens, valid, gen.cache, attend_len)
-        return GenState(cache, _last_valid_logits(logits, valid, gen.next_logits))
+        logits, cache = self._forward(params, tokens, valid, gen.cache, attend_len, rows=slots)
+        has = valid.any(axis=1)
+        if slots is None:
+            return GenState(self._constrain(cache), _keep_or_set(logits, has, gen.next_logits))
+        old = gen.next_logits.at[slots].get(mode="clip")
+        next_logits = gen.next_logits.at[slots].set(_keep_or_set(logits, has, old), mode="drop")
+        return GenState(self._constrain(cache), next_logits)
 
     def _decode_impl(
         self,
@@ -209,6 +256,10 @@ class Sampler:
         rng,
         active,
         budget,
+        count,
+        matcher,
+        seq_ids,
+        turns,
         temperature,
         top_p,
         *,
@@ -217,20 +268,22 @@ class Sampler:
         top_k,
         use_top_p,
         attend_len,
+        until,
     ):
+        """Up to max_new steps. until="all": until every active row stopped; "any": back to the host
+        as soon as one row stops (the others keep their count and matcher for the next call)."""
         self.compile_counts["decode"] += 1
         b = active.shape[0]
         eos = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
-        room = gen.cache.max_len - gen.cache.index  # slots left in the cache
-        steps = jnp.minimum(max_new, room)
+        max_len = gen.cache.max_len
 
         def cond(carry):
-            step, _, _, done, *_ = carry
-            return (step < steps) & ~jnp.all(done)
+            step, _, done, stopped, *_ = carry
+            more = ~jnp.all(done) if until == "all" else ~jnp.any(stopped)
+            return (step < max_new) & more
 
         def body(carry):
-            step, gen, rng, done, reason, which, matcher, count, toks, lps = carry
-            rng, key = jax.random.split(rng)
+            step, gen, done, stopped, reason, which, matcher, count, toks, lps, live_steps = carry
             logits = gen.next_logits
             if self.tokenizer_vocab < logits.shape[-1]:
                 in_vocab = jnp.arange(logits.shape[-1]) < self.tokenizer_vocab
@@ -241,7 +294,8 @@ class Sampler:
                 tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
             else:
                 filtered = _filter_logits(scaled, top_k, top_p, use_top_p)
-                tok = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+                keys = _row_keys(rng, seq_ids, turns, gen.cache.next_pos)
+                tok = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
             live = ~done
             tok = jnp.where(live, tok, self.pad_id)
             lp = jnp.take_along_axis(logp_all, tok[:, None], axis=-1)[:, 0]
@@ -251,11 +305,11 @@ class Sampler:
 
             # Stop checks, in priority order: a stop string, EOS, then the row's budget / the cache.
             completes = self._completes[matcher, tok]
-            matcher = self._next_state[matcher, tok]
+            matcher = jnp.where(live, self._next_state[matcher, tok], matcher)
             hit_string = live & (completes >= 0)
             hit_eos = live & jnp.any(tok[:, None] == eos[None, :], axis=1)
             hit_budget = live & (count >= budget)
-            hit_context = live & (step + 1 >= room)
+            hit_context = live & (gen.cache.index + 1 >= max_len)  # no room after this token
             new_reason = jnp.select(
                 [hit_string, hit_eos, hit_budget, hit_context],
                 [STOP_STRING, STOP_EOS, STOP_BUDGET, STOP_CONTEXT],
@@ -264,60 +318,164 @@ class Sampler:
             reason = jnp.where(live, new_reason, reason)
             which = jnp.where(hit_string, completes, which)
             valid = live[:, None]
-            logits, cache = self._forward(params, tok[:, None], valid, gen.cache, attend_len)
-            gen = GenState(cache, _last_valid_logits(logits, valid, gen.next_logits))
-            done = done | (new_reason != RUNNING)
-            return step + 1, gen, rng, done, reason, which, matcher, count, toks, lps
+            new_logits, cache = self._forward(params, tok[:, None], valid, gen.cache, attend_len)
+            gen = GenState(cache, _keep_or_set(new_logits, live, gen.next_logits))
+            now = live & (new_reason != RUNNING)
+            live_steps = live_steps + live.sum(dtype=jnp.int32)
+            return step + 1, gen, done | now, stopped | now, reason, which, matcher, count, toks, lps, live_steps
 
-        done0 = ~active | (budget <= 0)
+        out_of_budget = active & (count >= budget)
+        out_of_room = active & (gen.cache.index >= max_len)
+        reason0 = jnp.where(out_of_budget, STOP_BUDGET, jnp.where(out_of_room, STOP_CONTEXT, RUNNING))
+        stopped0 = out_of_budget | out_of_room
         carry = (
             jnp.int32(0),
             gen,
-            rng,
-            done0,
-            jnp.where(active & (budget <= 0), STOP_BUDGET, RUNNING).astype(jnp.int32),
+            ~active | stopped0,
+            stopped0,
+            reason0.astype(jnp.int32),
             jnp.full((b,), -1, jnp.int32),
-            jnp.zeros((b,), jnp.int32),
-            jnp.zeros((b,), jnp.int32),
+            matcher,
+            count,
             jnp.full((b, max_new), self.pad_id, jnp.int32),
             jnp.zeros((b, max_new), jnp.float32),
+            jnp.int32(0),
         )
+        start_count = count
         carry = jax.lax.while_loop(cond, body, carry)
-        _, gen, _, done, reason, which, _, count, toks, lps = carry
-        # Rows still running when the loop ran out of cache room stop for context.
-        reason = jnp.where(active & (reason == RUNNING), STOP_CONTEXT, reason)
-        return gen, DecodeOut(toks, lps, count, reason, which)
+        step, gen, _, _, reason, which, matcher, count, toks, lps, live_steps = carry
+        return gen, DecodeOut(toks, lps, count - start_count, reason, which, matcher, step, live_steps)
 
     # --- public API -------------------------------------------------------------------------------
     def prefill(self, params, tokens, valid, max_len: int) -> GenState:
-        return self._prefill(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), max_len=max_len)
+        """A fresh cache of max_len positions for every row, with (left-padded) prompts in it."""
+        return self.prefill_fn(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), max_len=max_len)
 
-    def append(self, params, gen: GenState, tokens, valid) -> GenState:
-        attend = _attend_len(int(gen.cache.index) + np.shape(tokens)[1], gen.cache.max_len)
-        return self._append(
-            params, gen, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), attend_len=attend
+    def init_slots(self, slots: int, max_len: int) -> GenState:
+        """An empty cache of `slots` rows (the rollout's decode slots), placed on the mesh."""
+        return self._init_fn(slots=slots, max_len=max_len)
+
+    def _init_impl(self, slots, max_len):
+        cache = self._constrain(KVCache.init(self.cfg, slots, max_len))
+        return GenState(cache, jnp.zeros((slots, self.cfg.vocab_size), jnp.float32))
+
+    def refill(self, params, gen: GenState, slots, tokens, valid) -> GenState:
+        """Empties cache rows `slots` ([R] ids; an id >= the slot count is a padding row) and
+        prefills row r of the block into slot slots[r]; right-padded rows pack densely."""
+        return self.refill_fn(
+            params, gen, jnp.asarray(slots, jnp.int32), jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool)
+        )
+
+    def append(self, params, gen: GenState, tokens, valid, slots=None, *, lengths=None) -> GenState:
+        """Appends a block: row r to cache row r, or to slots[r] when given. `lengths` (the rows'
+        write positions, if the caller tracks them) saves reading them back from the device."""
+        lengths = np.asarray(gen.cache.index) if lengths is None else np.asarray(lengths)
+        attend = _attend_len(int(lengths.max(initial=0)) + np.shape(tokens)[1], gen.cache.max_len)
+        return self.append_fn(
+            params,
+            gen,
+            jnp.asarray(tokens, jnp.int32),
+            jnp.asarray(valid, bool),
+            None if slots is None else jnp.asarray(slots, jnp.int32),
+            attend_len=attend,
         )
 
     def decode(
-        self, params, gen: GenState, rng, *, max_new: int, sampling: SamplingParams, active=None, budget=None
+        self,
+        params,
+        gen: GenState,
+        rng,
+        *,
+        max_new: int,
+        sampling: SamplingParams,
+        active=None,
+        budget=None,
+        count=None,
+        matcher=None,
+        seq_ids=None,
+        turns=None,
+        until: str = "all",
+        lengths=None,
     ) -> tuple[GenState, DecodeOut]:
+        """Samples up to max_new tokens per active row (see _decode_impl for `until`). `budget` is
+        each row's limit on `count` (tokens of its current turn, 0 by default) and `matcher` its
+        stop-string state (0: fresh). A row's token at position p is sampled with a key made from
+        (rng, seq_ids[row], turns[row], p): seq_ids default to the row index, turns to 0."""
+        if until not in ("all", "any"):
+            raise ValueError(f"until must be 'all' or 'any', got {until!r}")
         b = gen.next_logits.shape[0]
         active = np.ones((b,), bool) if active is None else np.asarray(active, bool)
-        budget = np.full((b,), max_new, np.int32) if budget is None else np.minimum(budget, max_new)
-        return self._decode(
+        count = np.zeros((b,), np.int32) if count is None else np.asarray(count, np.int32)
+        if budget is None:
+            budget = np.full((b,), max_new, np.int32)
+        if until == "all":
+            budget = np.minimum(budget, count + max_new)  # every row stops within the call
+        lengths = np.asarray(gen.cache.index) if lengths is None else np.asarray(lengths)
+        needed = int(lengths[active].max(initial=0)) + max_new
+        return self.decode_fn(
             params,
             gen,
             rng,
             jnp.asarray(active),
             jnp.asarray(budget, jnp.int32),
+            jnp.asarray(count),
+            jnp.zeros((b,), jnp.int32) if matcher is None else jnp.asarray(matcher, jnp.int32),
+            jnp.arange(b, dtype=jnp.int32) if seq_ids is None else jnp.asarray(seq_ids, jnp.int32),
+            jnp.zeros((b,), jnp.int32) if turns is None else jnp.asarray(turns, jnp.int32),
             jnp.float32(sampling.temperature),
             jnp.float32(sampling.top_p),
             max_new=max_new,
             greedy=sampling.greedy,
             top_k=sampling.top_k,
             use_top_p=sampling.top_p < 1.0,
-            attend_len=_attend_len(int(gen.cache.index) + max_new, gen.cache.max_len),
+            attend_len=_attend_len(needed, gen.cache.max_len),
+            until=until,
         )
+
+    # --- abstract shapes (for ahead-of-time compilation) ------------------------------------------
+    def abstract_cache(self, rows: int, length: int) -> GenState:
+        """ShapeDtypeStructs (with shardings on a mesh) of the decode state of `rows` slots holding
+        `length` positions each: what the compiled functions take as `gen`."""
+        shapes = jax.eval_shape(
+            lambda: GenState(KVCache.init(self.cfg, rows, length), jnp.zeros((rows, self.cfg.vocab_size), jnp.float32))
+        )
+        if self.mesh is None:
+            return shapes
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from tspo_jax.sharding import BATCH_AXES
+
+        cache_sh = self.cache_shardings()
+        cache = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes.cache, cache_sh)
+        logits = jax.ShapeDtypeStruct(shapes.next_logits.shape, jnp.float32,
+                                      sharding=NamedSharding(self.mesh, P(BATCH_AXES, None)))
+        return GenState(cache, logits)
+
+    def abstract_call(self, name: str, params, *, rows: int, length: int, block: int = 16, block_rows: int | None = None,
+                      chunk: int = 64, attend_len: int | None = None, sampling: SamplingParams = SamplingParams()):
+        """(jitted function, args, kwargs) for `fn.lower(*args, **kwargs)`: name is "prefill" (rows
+        prompts of `block` tokens into a fresh cache of `length`), "refill" (block_rows prompts into
+        chosen slots), "append" (block_rows blocks of `block` tokens into chosen slots) or "decode"
+        (a chunk of `chunk` steps over all `rows` slots). `params` may be ShapeDtypeStructs."""
+        sds = jax.ShapeDtypeStruct
+        r = rows if block_rows is None else block_rows
+        gen = self.abstract_cache(rows, length)
+        attend = length if attend_len is None else attend_len
+        if name == "prefill":
+            return self.prefill_fn, (params, sds((rows, block), jnp.int32), sds((rows, block), bool)), {"max_len": length}
+        if name == "refill":
+            return self.refill_fn, (params, gen, sds((r,), jnp.int32), sds((r, block), jnp.int32), sds((r, block), bool)), {}
+        if name == "append":
+            args = (params, gen, sds((r, block), jnp.int32), sds((r, block), bool), sds((r,), jnp.int32))
+            return self.append_fn, args, {"attend_len": attend}
+        if name == "decode":
+            vec = sds((rows,), jnp.int32)
+            args = (params, gen, jax.eval_shape(lambda: jax.random.key(0)), sds((rows,), bool), vec, vec, vec, vec, vec,
+                    sds((), jnp.float32), sds((), jnp.float32))
+            kw = dict(max_new=chunk, greedy=sampling.greedy, top_k=sampling.top_k, use_top_p=sampling.top_p < 1.0,
+                      attend_len=attend, until="any")
+            return self.decode_fn, args, kw
+        raise ValueError(f"unknown function {name!r}: choose prefill, refill, append or decode")
 
     def generate(
         self,
@@ -329,7 +487,7 @@ class Sampler:
         rng=None,
         seed: int = 0,
     ) -> list[dict]:
-        """Plain (no tool) generation for a list of token-id prompts; pads to buckets internally.
+        """Plain (no tool) generation for a list of token-id prompts; pads rows and lengths internally.
 
         Returns per prompt: token_ids, logprobs (lists) and stop ("eos", "stop_string", "length",
         "context") with the stop string that fired."""
@@ -338,14 +496,17 @@ class Sampler:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         n = len(prompts)
+        # Rows in powers of two here (a multiple of the batch devices on a mesh): plain requests of
+        # any count reuse a few compiled shapes. The rollout pads rows to the batch devices only.
         b = bucket(n, self.row_multiple)
-        t = bucket(max(len(p) for p in prompts), 16)
+        t = round_up(max(len(p) for p in prompts), 16)
         tokens, valid = left_pad(prompts, t, self.pad_id, num_rows=b)
-        max_len = bucket(t + max_new_tokens, 64)
+        max_len = round_up(t + max_new_tokens, 64)
         gen = self.prefill(params, tokens, valid, max_len)
         active = np.arange(b) < n
         rng = jax.random.key(seed) if rng is None else rng
-        gen, out = self.decode(params, gen, rng, max_new=max_new_tokens, sampling=sampling, active=active)
+        gen, out = self.decode(params, gen, rng, max_new=max_new_tokens, sampling=sampling, active=active,
+                               lengths=np.full((b,), t))
         out = to_host(out)
         results = []
         for i in range(n):

@@ -57,6 +57,11 @@ class EpisodeSpec:
     docs_per_search: int = 3
     doc_tokens: int = 170  # length of a bench corpus passage: 3 docs ~ a 500-token observation
     reps: int | None = None  # default: the config's
+    # The long-tailed shape: turn lengths sampled (geometric, mean `mean_turn`, cut at
+    # max_response_length) by a scripted model; 0 rows: not measured.
+    long_tail_rows: int = 0
+    mean_turn: float = 150.0
+    long_tail_reps: int | None = None  # default: reps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +114,7 @@ CONFIGS: dict[str, BenchConfig] = {
             compile_points=((8, 128, "greedy"),),
             extra_points=((1, 128, "sampled"), (8, 128, "sampled"), (32, 128, "sampled")),
         ),
-        episodes=EpisodeSpec(rows=8, turn_tokens=60, max_response_length=500),
+        episodes=EpisodeSpec(rows=8, turn_tokens=60, max_response_length=500, long_tail_rows=16, long_tail_reps=1),
         update=UpdateSpec(rows=8, width=1024),
         reps=3,
     ),
@@ -161,7 +166,7 @@ def smoke(bc: BenchConfig) -> BenchConfig:
         name=bc.name + "-smoke",
         decode=DecodeSpec(batches=(2,), prompt_lens=(16,), new_tokens=8, modes=("greedy", "sampled")),
         episodes=bc.episodes and EpisodeSpec(rows=2, turn_tokens=12, max_response_length=24, max_obs_length=64,
-                                             max_turns=1, docs_per_search=2, doc_tokens=24),
+                                             max_turns=1, docs_per_search=2, doc_tokens=24, long_tail_rows=4, mean_turn=8.0),
         update=UpdateSpec(rows=8, width=64),
         reps=1,
     )

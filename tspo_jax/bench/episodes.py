@@ -17,9 +17,10 @@ import time
 import numpy as np
 from flax import nnx
 
-from tspo_jax import rollout
+from tspo_jax import rollout, sampling
 from tspo_jax.runtime import make_sampler
 from tspo_jax.bench import costs, scripted, searchr1, timing
+from tspo_jax.bench import torch_kv as torch_kv_lib
 from tspo_jax.bench.configs import BenchmarkError, EpisodeSpec
 
 log = logging.getLogger(__name__)
@@ -149,36 +150,112 @@ def _check_same(ours, reprefill, sr1, script: scripted.Script, spec: EpisodeSpec
             raise BenchmarkError(f"row {i}: the scripted model did not follow the script ({actions})")
 
 
+def _check_all_same(ref: list[rollout.Episode], others: dict[str, list]):
+    """Every contender's episodes are the reference's token for token."""
+    for name, eps in others.items():
+        for i, (a, b) in enumerate(zip(ref, eps)):
+            if a.tokens != (b if isinstance(b, list) else b.tokens):
+                raise BenchmarkError(f"row {i}: {name}'s episode differs from the slot engine's")
+
+
+# Our contenders: the slot engine at S = rows (the default engine, named as before) and at
+# S = rows / 4, the lockstep engine, and re-prefill (lockstep, the whole context every turn).
+OURS = {
+    "interrupt_resume": dict(engine="slots", slots=0),
+    "slots_quarter": dict(engine="slots", slots=-4),  # -4: rows / 4
+    "lockstep": dict(engine="lockstep"),
+    "reprefill": dict(engine="lockstep", resume="reprefill"),
+}
+
+
+def _our_runners(sampler, tokenizer, retriever, base: rollout.RolloutConfig, rows: int) -> dict:
+    import dataclasses
+
+    runners = {}
+    for name, kw in OURS.items():
+        kw = dict(kw)
+        if kw.get("slots", 0) < 0:
+            kw["slots"] = sampling.round_up(max(1, rows // -kw["slots"]), sampler.row_multiple)
+        runners[name] = rollout.EpisodeRunner(sampler, tokenizer, retriever, dataclasses.replace(base, **kw))
+    return runners
+
+
+def _kv_bytes_per_token(cfg) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.dtype).itemsize
+
+
+def _time_all(runners, params, questions, torch_fns: dict, reps: int, seed: int = 0):
+    """Times our runners and the PyTorch contenders interleaved; returns samples, the last
+    episodes of each and each runner's stats."""
+    last: dict = {}
+    stats: dict = {}
+
+    def ours(name):
+        def run():
+            r = runners[name]
+            last[name] = r.run(params, questions, n=1, seed=seed)
+            stats[name] = dict(r.stats)
+            return {"retrieval": r.timing.get("retrieval", 0.0)}
+        return run
+
+    def theirs(name):
+        def run():
+            st: dict = {}
+            last[name] = torch_fns[name](st)
+            stats[name] = st
+            return {"retrieval": st["retrieval_s"]}
+        return run
+
+    contenders = {n: ours(n) for n in runners} | {n: theirs(n) for n in torch_fns}
+    return timing.interleaved(contenders, reps), last, stats, contenders
+
+
+def _summarise(samples, stats, rows: int, policy_tokens: int, kv_per_token: int, peak_sr1: int) -> dict:
+    out = {}
+    for name, s in samples.items():
+        med = s.median()
+        st = stats.get(name, {})
+        out[name] = {
+            **s.summary(),
+            "episodes_per_s": rows / med,
+            "policy_tokens_per_s": policy_tokens / med,
+            "occupancy": st.get("occupancy"),
+            "kv_bytes": st.get("kv_bytes", peak_sr1 if name == "searchr1_torch" else None),
+            "cache_rows": st.get("cache_rows"),
+        }
+    return out
+
+
 def measure(jmodel, tmodel, tokenizer, retriever, script: scripted.Script, spec: EpisodeSpec, *,
             reps: int, limits: costs.Limits, profile_dir: str | None = None) -> dict:
     graphdef, params = nnx.split(jmodel)
     sampler = make_sampler(graphdef, jmodel.cfg, tokenizer)
     questions = [scripted.QUESTIONS[i % len(scripted.QUESTIONS)] for i in range(spec.rows)]
     prompts = [list(script.prompts[i % len(script.prompts)]) for i in range(spec.rows)]
-    runners = {m: rollout.EpisodeRunner(sampler, tokenizer, retriever, rollout_config(spec, m))
-               for m in ("cache", "reprefill")}
-    last: dict = {}
+    base = rollout_config(spec, "cache")
+    runners = _our_runners(sampler, tokenizer, retriever, base, spec.rows)
     sr1_stats: dict = {}
 
-    def ours(method):
-        def run():
-            last[method] = runners[method].run(params, questions, n=1)
-            return {"retrieval": runners[method].timing.get("retrieval", 0.0)}
-        return run
+    def search_r1(st):
+        eps = searchr1.run_episodes(tmodel, tokenizer, retriever, prompts, rollout_config(spec, "reprefill"), st)
+        sr1_stats.update(st)
+        return eps
 
-    def search_r1():
-        last["searchr1"] = searchr1.run_episodes(
-            tmodel, tokenizer, retriever, prompts, rollout_config(spec, "reprefill"), sr1_stats)
-        return {"retrieval": sr1_stats["retrieval_s"]}
+    def torch_kv(st):
+        return torch_kv_lib.run_episodes(tmodel, tokenizer, retriever, prompts, base, stats=st)
 
-    contenders = {"interrupt_resume": ours("cache"), "reprefill": ours("reprefill"), "searchr1_torch": search_r1}
-    samples = timing.interleaved(contenders, reps)
-    _check_same(last["cache"], last["reprefill"], last["searchr1"], script, spec)
+    samples, last, stats, contenders = _time_all(runners, params, questions,
+                                                 {"searchr1_torch": search_r1, "torch_kv_reuse": torch_kv}, reps)
+    _check_same(last["interrupt_resume"], last["reprefill"], last["searchr1_torch"], script, spec)
+    _check_all_same(last["interrupt_resume"], {n: last[n] for n in ("slots_quarter", "lockstep", "torch_kv_reuse")})
 
-    episodes = last["cache"]
+    episodes = last["interrupt_resume"]
     policy_tokens = sum(sum(e.loss_mask) for e in episodes)
     own_limits = method_limits(jmodel.cfg, episodes, spec.max_response_length, limits)
     limit = own_limits["interrupt_resume"]
+    kv_tok = _kv_bytes_per_token(jmodel.cfg)
+    # Search-R1's biggest generate: every row's longest context plus the per-turn limit.
+    peak_sr1 = spec.rows * (max(len(e.tokens) for e in episodes) + spec.max_response_length) * kv_tok
     out = {
         "rows": spec.rows,
         "turns": rollout_config(spec, "cache").num_turns,
@@ -191,25 +268,80 @@ def measure(jmodel, tmodel, tokenizer, retriever, script: scripted.Script, spec:
         "limit_s": limit,
         "searchr1_generated_tokens": sr1_stats["generated_tokens"],
         "searchr1_prefilled_tokens": sr1_stats["prefilled_tokens"],
+        "slots_quarter_slots": runners["slots_quarter"].cfg.slots,
     }
-    for name, s in samples.items():
-        med = s.median()
-        out[name] = {
-            **s.summary(),
-            "episodes_per_s": spec.rows / med,
-            "policy_tokens_per_s": policy_tokens / med,
-            "pct_of_limit": 100 * limit / med,
-            "own_limit_s": own_limits[name],
-            "pct_of_own_limit": 100 * own_limits[name] / med,
-        }
-    base = out["interrupt_resume"]["episodes_per_s"]
-    out["ratio_vs_reprefill"] = base / out["reprefill"]["episodes_per_s"]
-    out["ratio_vs_searchr1_torch"] = base / out["searchr1_torch"]["episodes_per_s"]
+    out.update(_summarise(samples, stats, spec.rows, policy_tokens, kv_tok, peak_sr1))
+    for name in ("interrupt_resume", "reprefill", "searchr1_torch"):
+        out[name].update(pct_of_limit=100 * limit / out[name]["median_s"]["total"],
+                         own_limit_s=own_limits[name],
+                         pct_of_own_limit=100 * own_limits[name] / out[name]["median_s"]["total"])
+    for name in ("slots_quarter", "lockstep", "torch_kv_reuse"):
+        out[name]["pct_of_limit"] = 100 * limit / out[name]["median_s"]["total"]
+    base_rate = out["interrupt_resume"]["episodes_per_s"]
+    for name in ("reprefill", "searchr1_torch", "lockstep", "torch_kv_reuse"):
+        out[f"ratio_vs_{name}"] = base_rate / out[name]["episodes_per_s"]
     out["compile_counts"] = dict(sampler.compile_counts)
     if profile_dir:
         from tspo_jax.bench.profile import profile
 
         out["interrupt_resume_profile"] = profile(contenders["interrupt_resume"], f"{profile_dir}/episodes")
+    return out
+
+
+def measure_long_tail(jmodel, tmodel, tokenizer, retriever, script: scripted.LongTailScript, spec: EpisodeSpec, *,
+                      reps: int, profile_dir: str | None = None) -> dict:
+    """The long-tailed shape: sampled turns (top_k=2 between the next filler and the search call).
+    Our four contenders sample the same episodes (per-episode keys); the PyTorch contenders are
+    given the slot engine's tokens of the warm-up run, so every method does the same work."""
+    import dataclasses
+
+    graphdef, params = nnx.split(jmodel)
+    sampler = make_sampler(graphdef, jmodel.cfg, tokenizer)
+    rows = spec.long_tail_rows
+    questions = [scripted.QUESTIONS[i % len(scripted.QUESTIONS)] for i in range(rows)]
+    prompts = [list(script.prompts[i % len(script.prompts)]) for i in range(rows)]
+    base = dataclasses.replace(rollout_config(spec, "cache"), greedy=False, temperature=1.0, top_k=2)
+    runners = _our_runners(sampler, tokenizer, retriever, base, rows)
+    ref = runners["interrupt_resume"].run(params, questions, n=1)
+    forced = [[e.tokens[t.policy_span[0]:t.policy_span[1]] for t in e.turns] for e in ref]
+
+    def search_r1(st):
+        return [e.tokens for e in searchr1.run_episodes(tmodel, tokenizer, retriever, prompts,
+                                                         dataclasses.replace(base, resume="reprefill"), st, forced=forced)]
+
+    def torch_kv(st):
+        return torch_kv_lib.run_episodes(tmodel, tokenizer, retriever, prompts, base, forced=forced, stats=st)
+
+    samples, last, stats, contenders = _time_all(runners, params, questions,
+                                                 {"searchr1_torch": search_r1, "torch_kv_reuse": torch_kv}, reps)
+    _check_all_same(ref, {n: last[n] for n in last})
+    lens = np.array([t.policy_span[1] - t.policy_span[0] for e in ref for t in e.turns])
+    policy_tokens = int(lens.sum())
+    kv_tok = _kv_bytes_per_token(jmodel.cfg)
+    peak_sr1 = rows * (max(len(e.tokens) for e in ref) + spec.max_response_length) * kv_tok
+    out = {
+        "rows": rows,
+        "slots_quarter_slots": runners["slots_quarter"].cfg.slots,
+        "turns": int(sum(e.num_turns for e in ref)),
+        "turn_tokens": {"mean": float(lens.mean()), "median": float(np.median(lens)), "p90": float(np.percentile(lens, 90)),
+                        "max": int(lens.max()), "at_limit": int((lens >= spec.max_response_length).sum())},
+        "max_response_length": spec.max_response_length,
+        "policy_tokens": policy_tokens,
+        "episode_tokens_mean": float(np.mean([len(e.tokens) for e in ref])),
+        "actions": {a: sum(t.action == a for e in ref for t in e.turns) for a in ("search", "invalid", "search_disabled")},
+    }
+    out.update(_summarise(samples, stats, rows, policy_tokens, kv_tok, peak_sr1))
+    base_rate = out["interrupt_resume"]["episodes_per_s"]
+    for name in ("slots_quarter", "lockstep", "reprefill", "searchr1_torch", "torch_kv_reuse"):
+        out[f"ratio_vs_{name}"] = base_rate / out[name]["episodes_per_s"]
+    quarter = out["slots_quarter"]["episodes_per_s"]
+    out["quarter_ratio_vs_lockstep"] = quarter / out["lockstep"]["episodes_per_s"]
+    out["quarter_ratio_vs_torch_kv_reuse"] = quarter / out["torch_kv_reuse"]["episodes_per_s"]
+    out["compile_counts"] = dict(sampler.compile_counts)
+    if profile_dir:
+        from tspo_jax.bench.profile import profile
+
+        out["slots_quarter_profile"] = profile(contenders["slots_quarter"], f"{profile_dir}/episodes_long_tail")
     return out
 
 
@@ -230,9 +362,20 @@ def build_and_measure(bc, dtype, tokenizer, *, reps, limits, cache_dir, profile_
     retriever = bench_retriever(tokenizer, spec, cache_dir)
     log.info("episodes: scripted models and retriever ready in %.1fs", time.perf_counter() - t0)
     try:
-        return {"model": "scripted " + cfg_summary(cfg), "torch_threads": threads, **measure(jmodel, tmodel, tokenizer, retriever, script, spec,
-                                                                  reps=reps, limits=limits,
-                                                                  profile_dir=profile_dir)}
+        out = {"model": "scripted " + cfg_summary(cfg), "torch_threads": threads,
+               **measure(jmodel, tmodel, tokenizer, retriever, script, spec, reps=reps, limits=limits,
+                         profile_dir=profile_dir)}
+        if spec.long_tail_rows:
+            del jmodel, tmodel
+            lt = scripted.make_long_tail_script(tokenizer, scripted.observation_example(tokenizer, spec.max_obs_length),
+                                                mean_turn=spec.mean_turn)
+            jmodel = scripted.long_tail_weights(qwen2.init_model(cfg, seed=1), lt)
+            tmodel = configs.torch_model(jmodel, dtype)
+            log.info("episodes: the long-tailed shape (%d rows)", spec.long_tail_rows)
+            out["long_tailed"] = measure_long_tail(jmodel, tmodel, tokenizer, retriever, lt, spec,
+                                                   reps=spec.long_tail_reps or reps,
+                                                   profile_dir=profile_dir)
+        return out
     finally:
         retriever.close()
 

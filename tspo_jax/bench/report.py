@@ -96,16 +96,44 @@ def episodes_section(e: dict) -> list[str]:
         "",
     ]
     header = ["method", "episodes/s", "policy tok/s", "median s", "% of limit", "% of its own limit",
-              "interrupt/resume is x faster", "compile s", "retrieval s", "spread"]
+              "slots x faster", "occupancy", "KV MB", "compile s", "retrieval s", "spread"]
     rows = []
-    for name, ratio_key in (("interrupt_resume", None), ("reprefill", "ratio_vs_reprefill"),
-                            ("searchr1_torch", "ratio_vs_searchr1_torch")):
-        s = e[name]
-        rows.append([name, _f(s["episodes_per_s"], 2), _f(s["policy_tokens_per_s"]), _f(s["median_s"]["total"], 2),
-                     _f(s["pct_of_limit"]), _f(s.get("pct_of_own_limit")), _f(e[ratio_key], 2) if ratio_key else "-",
-                     _f(s["compile_s"]),
-                     _f(s["median_s"].get("retrieval"), 3), _f(s["spread"]["total"], 2)])
-    return lines + _table(header, rows)
+    for name in ("interrupt_resume", "slots_quarter", "lockstep", "reprefill", "searchr1_torch", "torch_kv_reuse"):
+        s = e.get(name)
+        if not s:
+            continue
+        ratio = e.get(f"ratio_vs_{name}")
+        rows.append([_label(name, e), _f(s["episodes_per_s"], 2), _f(s["policy_tokens_per_s"]),
+                     _f(s["median_s"]["total"], 2), _f(s.get("pct_of_limit")), _f(s.get("pct_of_own_limit")),
+                     _f(ratio, 2) if ratio else "-", _f(s.get("occupancy"), 2), _mb(s.get("kv_bytes")),
+                     _f(s["compile_s"]), _f(s["median_s"].get("retrieval"), 3), _f(s["spread"]["total"], 2)])
+    lines += _table(header, rows)
+    lt = e.get("long_tailed")
+    if lt:
+        tt = lt["turn_tokens"]
+        lines += [f"Long-tailed shape: {lt['rows']} sampled episodes, {lt['turns']} turns, turn length mean "
+                  f"{tt['mean']:.0f}, median {tt['median']:.0f}, p90 {tt['p90']:.0f}, max {tt['max']} "
+                  f"({tt['at_limit']} at the {lt['max_response_length']}-token limit); {lt['policy_tokens']:,} policy "
+                  f"tokens; actions {lt['actions']}. The PyTorch contenders replay the slot engine's tokens.", ""]
+        rows = []
+        for name in ("interrupt_resume", "slots_quarter", "lockstep", "reprefill", "searchr1_torch", "torch_kv_reuse"):
+            s = lt[name]
+            ratio = lt.get(f"ratio_vs_{name}")
+            rows.append([_label(name, lt), _f(s["episodes_per_s"], 2), _f(s["policy_tokens_per_s"]),
+                         _f(s["median_s"]["total"], 2), "-", "-", _f(ratio, 2) if ratio else "-",
+                         _f(s.get("occupancy"), 2), _mb(s.get("kv_bytes")), _f(s["compile_s"]),
+                         _f(s["median_s"].get("retrieval"), 3), _f(s["spread"]["total"], 2)])
+        lines += _table(header, rows)
+    return lines
+
+
+def _label(name: str, e: dict) -> str:
+    slots = {"interrupt_resume": "S = rows", "slots_quarter": f"S = {e.get('slots_quarter_slots') or 'rows/4'}"}
+    return f"slots ({slots[name]})" if name in slots else name
+
+
+def _mb(x) -> str:
+    return "-" if x is None else _f(x / 1e6)
 
 
 def update_section(u: dict) -> list[str]:

@@ -12,6 +12,13 @@ into the residual stream scaled down so they never flip the argmax. The turn tex
 (tokens that each appear once) and then `<search> query</search>`; after a search result the
 model starts the same turn again, so every episode searches max_turns times and then writes one
 more (search-disabled) turn.
+
+The long-tailed shape (`make_long_tail_script`) samples instead: the fillers form a cycle, and after
+each filler the model's two best tokens are the next filler and the start of the search call, the
+call with probability ~1/`mean_turn` (sampled with top_k=2 at temperature 1). Turn lengths are then
+geometric (mean ~`mean_turn`, cut at the per-turn limit); the engines draw them from keys made of
+(seed, episode, turn, position), so every one of our methods samples the same episodes, and the
+PyTorch contenders are given those tokens (see episodes.py).
 """
 
 from __future__ import annotations
@@ -82,9 +89,52 @@ def make_script(tokenizer, turn_tokens: int, obs_ids_example: list[int]) -> Scri
     return Script(tuple(turn), text, successor_map(chains), prompts)
 
 
+@dataclasses.dataclass(frozen=True)
+class LongTailScript:
+    fillers: tuple[int, ...]  # a cycle: each filler's successor is the next one
+    call: tuple[int, ...]  # `<search> QUERY</search>`: the branch after any filler
+    successors: dict
+    prompts: tuple[tuple[int, ...], ...]
+    mean_turn: float
+
+
+def make_long_tail_script(tokenizer, obs_ids_example: list[int], *, mean_turn: float = 150.0,
+                          cycle: int = 64) -> LongTailScript:
+    call = tokenizer.encode(f"<search> {QUERY}</search>")
+    prompts = tuple(tuple(tokenizer.encode(q)) for q in QUESTIONS)
+    invalid_end = tokenizer.encode(rollout.INVALID_ACTION_MESSAGE)[-1]
+    avoid = set(call) | {p[-1] for p in prompts} | {obs_ids_example[-1], invalid_end}
+    fillers = filler_tokens(tokenizer, cycle, avoid)
+    # Every turn starts at fillers[0]: after a prompt, an observation or the invalid-action message.
+    chains = [[t, fillers[0]] for t in {p[-1] for p in prompts} | {obs_ids_example[-1], invalid_end}]
+    chains += [fillers + fillers[:1], call]
+    return LongTailScript(tuple(fillers), tuple(call), successor_map(chains), prompts, mean_turn)
+
+
+def long_tail_weights(model: qwen2.Qwen2, script: LongTailScript, *, margin: float = 2.0,
+                      residual_scale: float = 0.1, seed: int = 0) -> qwen2.Qwen2:
+    """Scripted weights whose fillers also lead to the call's first token with log-odds
+    -log(mean_turn - 1): filler embeddings share a unit direction c (half their norm), the call's
+    head column reads c and the successor columns read the rest, so the odds are the same after
+    every filler."""
+    d = model.cfg.hidden_size
+    rs = np.random.default_rng(seed + 1)
+    c = rs.standard_normal(d).astype(np.float32)
+    c /= np.linalg.norm(c)
+    model = script_weights(model, script.successors, margin=margin, residual_scale=residual_scale, seed=seed,
+                           shared=(script.fillers, c))
+    head = np.array(model.lm_head[...], np.float32)
+    # h ~ sqrt(d) * (c + r) / sqrt(2) after a filler: successor logit margin * sqrt(d / 2).
+    head[:, script.call[0]] += (margin - np.log(script.mean_turn - 1) / np.sqrt(d / 2)) * c
+    model.lm_head.set_value(jnp.asarray(head, model.cfg.jnp_param_dtype))
+    return model
+
+
 def script_weights(model: qwen2.Qwen2, successors: dict, *, margin: float = 1.5, residual_scale: float = 0.1,
-                   seed: int = 0) -> qwen2.Qwen2:
-    """Rewrites the embedding, LM head and residual writes of `model` (in place) to follow the script."""
+                   seed: int = 0, shared: tuple | None = None) -> qwen2.Qwen2:
+    """Rewrites the embedding, LM head and residual writes of `model` (in place) to follow the script.
+    `shared` = (tokens, unit vector c): those tokens' embeddings are (c + r) / sqrt(2) with r a unit
+    vector orthogonal to c, and their successors read r only (see long_tail_weights)."""
     cfg = model.cfg
     if cfg.tie_word_embeddings:
         raise BenchmarkError("a scripted model needs an untied LM head (tie_word_embeddings=False)")
@@ -92,8 +142,16 @@ def script_weights(model: qwen2.Qwen2, successors: dict, *, margin: float = 1.5,
     pdt = cfg.jnp_param_dtype
     embed = rs.standard_normal((cfg.vocab_size, cfg.hidden_size), dtype=np.float32)
     head = 0.02 * rs.standard_normal((cfg.hidden_size, cfg.vocab_size), dtype=np.float32)
+    reads = {}  # token -> the unit direction its successor's head column reads
+    if shared:
+        tokens, c = shared
+        for t in tokens:
+            r = embed[t] - (embed[t] @ c) * c
+            r /= np.linalg.norm(r)
+            reads[t] = r
+            embed[t] = (c + r) / np.sqrt(2) * np.sqrt(cfg.hidden_size)
     for a, b in successors.items():
-        head[:, b] += margin * embed[a] / np.linalg.norm(embed[a])
+        head[:, b] += margin * reads.get(a, embed[a] / np.linalg.norm(embed[a]))
     model.embed.set_value(jnp.asarray(embed, pdt))
     model.lm_head.set_value(jnp.asarray(head, pdt))
     for layer in model.layers:

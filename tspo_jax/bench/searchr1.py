@@ -48,9 +48,12 @@ def parse(text: str) -> tuple[str | None, str]:
     return (m.group(1), m.group(2).strip()) if m else (None, "")
 
 
-def run_episodes(model, tokenizer, retriever, prompts, cfg: rollout.RolloutConfig, stats: dict | None = None):
+def run_episodes(model, tokenizer, retriever, prompts, cfg: rollout.RolloutConfig, stats: dict | None = None,
+                 forced=None):
     """Greedy Search-R1 episodes for token-id prompts. `stats` collects generated / processed
-    token counts and retrieval time."""
+    token counts and retrieval time. `forced` (per row, per turn, token ids of a reference run)
+    makes each turn start with those tokens (a logits processor), then run free to the limit as
+    Search-R1 does: sampled episodes replayed with the same work."""
     import torch
     import transformers
 
@@ -76,9 +79,11 @@ def run_episodes(model, tokenizer, retriever, prompts, cfg: rollout.RolloutConfi
             n = len(episodes[i].tokens)
             ids[j, width - n :] = episodes[i].tokens
             mask[j, width - n :] = 1
+        processors = [] if forced is None else [_Forced([forced[i][turn] for i in rows], width)]
         with torch.inference_mode():
             out = model.generate(
-                torch.as_tensor(ids, device=dev), attention_mask=torch.as_tensor(mask, device=dev), generation_config=gc
+                torch.as_tensor(ids, device=dev), attention_mask=torch.as_tensor(mask, device=dev), generation_config=gc,
+                logits_processor=processors,
             )
         gen = out[:, width:].cpu().numpy()
         stats["generated_tokens"] += int(gen.size)
@@ -108,3 +113,18 @@ def run_episodes(model, tokenizer, retriever, prompts, cfg: rollout.RolloutConfi
             for i, docs in zip(searches, results):
                 episodes[i].tokens += rollout.observation_ids(tokenizer, format_docs(docs), cfg.max_obs_length)
     return episodes
+
+
+class _Forced:
+    """A logits processor: row r's k-th new token is turns[r][k] while k < len(turns[r])."""
+
+    def __init__(self, turns: list[list[int]], width: int):
+        self.turns, self.width = turns, width
+
+    def __call__(self, input_ids, scores):
+        k = input_ids.shape[1] - self.width
+        for r, want in enumerate(self.turns):
+            if k < len(want):
+                scores[r] = float("-inf")
+                scores[r, want[k]] = 0.0
+        return scores

@@ -2,20 +2,23 @@
 
 One forward function serves training, prefill, decode and mid-episode appends: the model always
 consumes a *block* of C new tokens per row with explicit positions and a validity mask, writes
-them into the KV cache at a shared slot offset, and attends over every valid cached slot at or
-before its own slot. A left-padded prompt, one decode step, and an observation appended to only
-some rows are all such blocks.
+them into the KV cache at each row's own write position, and attends over every valid cached
+position of that row. A left-padded prompt, one decode step, and an observation appended to only
+some rows are all such blocks. A block may also go to chosen cache rows (`rows`): the rollout's
+decode slots are refilled and appended to one at a time this way.
 
 KV cache layout (`KVCache`):
   k, v     per layer, [batch, kv_heads, max_len, head_dim]: keys after RoPE, values (the
-           slot axis next to head_dim makes attention a plain batched matmul)
-  valid    [batch, max_len] bool    slot holds a real token of that row
-  index    []  int32                next slot to write (shared by all rows)
+           position axis next to head_dim makes attention a plain batched matmul)
+  valid    [batch, max_len] bool    position holds a real token of that row
+  index    [batch] int32            next position to write, per row: every position at or after
+                                    it is invalid
   next_pos [batch] int32            RoPE position the row's next real token gets
 
-Rows can hold different numbers of real tokens: a row that has nothing to add in a block gets
-invalid slots there, which are never attended to. Positions count only real tokens, so a row's
-numbers do not depend on what other rows in the batch did.
+A block is written at [index, index + C) of its row, and the row's index moves just past the
+block's last valid token (not at all when it has none), so right-padded blocks pack densely and
+a row with nothing to add keeps its room. Positions count only real tokens, so a row's numbers
+do not depend on what other rows in the batch did.
 """
 
 from __future__ import annotations
@@ -220,13 +223,33 @@ class KVCache:
             k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             valid=jnp.zeros((batch, max_len), bool),
-            index=jnp.zeros((), jnp.int32),
+            index=jnp.zeros((batch,), jnp.int32),
             next_pos=jnp.zeros((batch,), jnp.int32),
         )
 
     @property
     def max_len(self) -> int:
         return self.k[0].shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    def reset_rows(self, rows: jax.Array) -> "KVCache":
+        """The cache with `rows` emptied (nothing valid, write index and positions at 0); ids out of
+        range are ignored. The stale keys stay: invalid positions are never attended to."""
+        return dataclasses.replace(
+            self,
+            valid=self.valid.at[rows].set(False, mode="drop"),
+            index=self.index.at[rows].set(0, mode="drop"),
+            next_pos=self.next_pos.at[rows].set(0, mode="drop"),
+        )
+
+
+def last_valid(valid: jax.Array) -> jax.Array:
+    """[B] index of each row's last valid position in a [B, C] block (-1 when it has none)."""
+    c = valid.shape[1]
+    return jnp.where(valid.any(axis=1), c - 1 - jnp.argmax(valid[:, ::-1], axis=1), -1)
 
 
 def block_positions(valid: jax.Array, start: jax.Array | None = None) -> jax.Array:
@@ -452,22 +475,43 @@ class Qwen2(nnx.Module):
         cache: KVCache | None = None,
         return_hidden: bool = False,
         attend_len: int | None = None,
+        rows=None,
+        last_only: bool = False,
     ):
         """tokens, valid, positions: [B, C]. Returns (logits [B, C, V] or final hidden [B, C, D], cache).
 
         Without a cache the block attends causally within itself (training / scoring). With a cache
-        the block is written at slots [cache.index, cache.index + C) and attends to every valid slot
-        up to its own; `positions` default to continuing each row's count from `cache.next_pos`.
-        `attend_len` (static) limits attention to the first slots of the cache: a caller that knows
-        every written slot lies below it saves the work on the empty rest.
+        each row's block is written at [cache.index, cache.index + C) of its cache row and attends
+        to every valid position there; `positions` default to continuing each row's count from
+        `cache.next_pos`. `rows` ([B] int32, optional) sends block row b to cache row rows[b]
+        instead of b (the cache may have more rows; an id out of range is a padding row whose
+        writes are dropped). `attend_len` (static) limits attention to the first positions of the
+        cache: a caller that knows every valid position lies below it saves the work on the rest.
+        `last_only`: only each row's last valid position goes through the LM head ([B, V] logits,
+        zeros for a row with no valid token), never a [B, C, V] tensor.
         """
         cfg = self.cfg
         b, c = tokens.shape
         if valid is None:
             valid = jnp.ones((b, c), bool)
         valid = valid.astype(bool)
+        # Chosen rows are gathered (ids out of range clip; their writes are dropped below). The
+        # whole cache is sliced instead: a gather would copy the cache prefix every decode step.
+        chosen = rows is not None
+
+        def gather(x, s=None, axis=1):
+            if s is not None:
+                x = jax.lax.slice_in_dim(x, 0, s, axis=axis)
+            return x.at[rows].get(mode="clip") if chosen else x
+
+        if cache is not None:
+            if not chosen and b != cache.batch:
+                raise ValueError(f"a block of {b} rows for a cache of {cache.batch}: pass rows=")
+            rows = rows if chosen else jnp.arange(b, dtype=jnp.int32)
+            index = gather(cache.index)
+            start_pos = gather(cache.next_pos)
         if positions is None:
-            positions = block_positions(valid, None if cache is None else cache.next_pos)
+            positions = block_positions(valid, None if cache is None else start_pos)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)
 
         block_mask = jnp.tril(jnp.ones((c, c), bool))[None] & valid[:, None, :]
@@ -477,37 +521,45 @@ class Qwen2(nnx.Module):
                 x = block_fn(layer, x, positions, block_mask)
             out_cache = None
         else:
-            # Every slot written so far lies below `s`; the block itself is attended separately.
+            # Every valid position lies below `s`; the block itself is attended separately.
             s = cache.max_len if attend_len is None else min(attend_len, cache.max_len)
-            old_mask = jnp.broadcast_to(cache.valid[:, None, :s], (b, c, s))
+            old_valid = gather(cache.valid, s)
+            old_mask = jnp.broadcast_to(old_valid[:, None, :], (b, c, s))
+            # Where each block token goes: (cache row, position), row-major over the block.
+            row_ids = jnp.broadcast_to(rows[:, None], (b, c))
+            pos_ids = index[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
             new_k, new_v = [], []
             for i, layer in enumerate(self.layers):
 
                 def write(k, v, i=i):
-                    start = cache.index
-                    new_k.append(
-                        jax.lax.dynamic_update_slice_in_dim(cache.k[i], k.astype(cache.k[i].dtype), start, 2)
-                    )
-                    new_v.append(
-                        jax.lax.dynamic_update_slice_in_dim(cache.v[i], v.astype(cache.v[i].dtype), start, 2)
-                    )
+                    # k, v: [B, KV, C, HD] -> scattered as [B, C, KV, HD] at (row, :, position).
+                    for store, new in ((new_k, k), (new_v, v)):
+                        old = (cache.k if store is new_k else cache.v)[i]
+                        store.append(
+                            old.at[row_ids, :, pos_ids].set(new.swapaxes(1, 2).astype(old.dtype), mode="drop")
+                        )
 
-                if s == 0:  # a fresh cache (prefill): nothing to attend to but the block
+                if s == 0:  # a fresh row (prefill): nothing to attend to but the block
                     cached = (None, None, None, write)
                 else:
-                    cached = (cache.k[i][:, :, :s], cache.v[i][:, :, :s], old_mask, write)
+                    cached = (gather(cache.k[i], s, 2), gather(cache.v[i], s, 2), old_mask, write)
                 x = layer(x, positions, block_mask, cached)
             out_cache = KVCache(
                 k=tuple(new_k),
                 v=tuple(new_v),
-                valid=jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, axis=1),
-                index=cache.index + c,
-                next_pos=cache.next_pos + valid.sum(axis=1).astype(jnp.int32),
+                valid=cache.valid.at[row_ids, pos_ids].set(valid, mode="drop"),
+                index=cache.index.at[rows].set(index + last_valid(valid) + 1, mode="drop"),
+                next_pos=cache.next_pos.at[rows].set(start_pos + valid.sum(axis=1).astype(jnp.int32), mode="drop"),
             )
+        if last_only:
+            last = jnp.maximum(last_valid(valid), 0)
+            x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
         x = self.final_norm(x)
         if return_hidden:
             return x, out_cache
         logits = x @ self.lm_head_kernel().astype(x.dtype)
+        if last_only:
+            logits = jnp.where(valid.any(axis=1)[:, None], logits, 0)
         return logits, out_cache
 
 
