@@ -78,7 +78,14 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     batch_devices = jax.device_count() // (shape[2] if shape[2] != -1 else 1)
     if -1 not in shape[:2]:
         batch_devices = shape[0] * shape[1]
-    for name, value in (("micro_batch", c.micro_batch), ("warmstart.batch_size", c.warmstart.batch_size)):
+    lp_rows = c.get("logprob_micro_batch")
+    if lp_rows is not None and (not isinstance(lp_rows, int) or lp_rows < 1 or rows % lp_rows):
+        raise ConfigError(f"logprob_micro_batch={lp_rows!r} must be a positive divisor of the step's {rows} "
+                          "trajectories (rows per reference/old-logprob slice), or None for micro_batch")
+    checked = [("micro_batch", c.micro_batch), ("warmstart.batch_size", c.warmstart.batch_size)]
+    if lp_rows:
+        checked.append(("logprob_micro_batch", lp_rows))
+    for name, value in checked:
         if value % batch_devices:
             raise ConfigError(f"{name}={value} must be a multiple of the data x fsdp devices "
                               f"({batch_devices}) the batch is split over")

@@ -82,7 +82,8 @@ class Trainer:
         self.updater = update_lib.PolicyUpdater(
             self.graphdef, self.model_cfg, config.loss, self.tx, self.mesh,
             temperature=1.0 if config.rollout.greedy else config.rollout.temperature,
-            micro_batch=config.micro_batch, tokenizer_vocab=self.sampler.tokenizer_vocab)
+            micro_batch=config.micro_batch, tokenizer_vocab=self.sampler.tokenizer_vocab,
+            logprob_micro_batch=config.get("logprob_micro_batch"))
 
         self.train_examples = data.load_qa(config.data.train)
         self.test_examples = data.load_qa(config.data.test) if config.data.test else []

@@ -120,11 +120,13 @@ class PolicyUpdater:
         return logp, entropy
 
     def _logprobs_impl(self, params, tokens, valid):
-        # One forward per slice of rows (lax.map): the activations of a slice, not of every row of
+        # One forward per slice of rows: the activations of a slice, not of every row of
         # the step, are alive at once.
         m = self.logprob_micro_batch or self.micro_batch
         micro = [self._micro_split(x, m) for x in (tokens, valid)]
-        logp = jax.lax.map(lambda mb: self._token_logprobs(params, *mb)[0], micro)
+        # The params ride in the carry (unchanged) so that each slice merges the model from values
+        # of its own trace level, which nnx.remat requires.
+        _, logp = jax.lax.scan(lambda p, mb: (p, self._token_logprobs(p, *mb)[0]), params, micro)
         return self._micro_join(logp)
 
     def _micro_split(self, x, m: int | None = None):

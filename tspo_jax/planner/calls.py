@@ -58,8 +58,10 @@ def rollout_shapes(run: AbstractRun) -> dict:
 
 
 def update_width(run: AbstractRun) -> int:
-    """The packed width of the longest episode the rollout can produce: the cache length."""
-    return update_lib.pack_width(rollout_shapes(run)["max_len"])
+    """The packed width of the longest episode the config allows: its context length (an episode
+    never outgrows the cache; the sampler caps the cache at the configured context)."""
+    s = rollout_shapes(run)
+    return update_lib.pack_width(min(s["max_len"], s["cfg"].context_length(s["prompt_width"])))
 
 
 def gen_state(run: AbstractRun, batch: int, max_len: int):

@@ -18,7 +18,6 @@ GPU, XLA's default memory fraction as launch/gpu_node.sh raises it (0.92).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 
@@ -95,6 +94,8 @@ def tpu_devices(name: str):
     except ImportError as e:  # pragma: no cover - jax ships it
         raise RuntimeError(f"this jax has no jax.experimental.topologies: {e}") from None
     _, topo, chip_config, per_host = TOPOLOGIES[name]
+    # Compiling needs no TPU: let several planner processes load libtpu at once (it takes a lock).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         desc = topologies.get_topology_desc(
             platform="tpu", topology_name=topo, chip_config_name=chip_config,
@@ -139,16 +140,6 @@ def resolve(name: str) -> Target:
     return Target(name, chip, tpu_devices(name), True)
 
 
-def num_chips(target: Target) -> int:
-    return len(target.devices)
-
-
 def gib(x: float) -> float:
     return x / GiB
 
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else 0
-
-
-__all__ = ["CHIPS", "TOPOLOGIES", "MESH_TOPOLOGY", "Chip", "Target", "resolve", "tpu_devices", "gib", "math"]
