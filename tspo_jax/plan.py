@@ -41,8 +41,14 @@ KNOBS = {
 }
 
 
-def plan(config, topology: str, min_headroom: float = 0.1, only: tuple[str, ...] = ()) -> dict:
-    """Compiles every call of one step for `topology`; returns the JSON-able result."""
+def plan(config, topology: str, min_headroom: float = 0.1, only: tuple[str, ...] = (),
+         slots: int = 0) -> dict:
+    """Compiles every call of one step for `topology`; returns the JSON-able result. `slots` > 0
+    plans the rollout at that many decode rows (what rollout.slots sets; for configs without it)."""
+    if slots:
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.rollout.slots = slots
     target = hardware.resolve(topology)
     chip = target.chip
     chips = len(target.devices)
@@ -130,6 +136,7 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "v4-32, v5e-64, v5p-N, v6e-N, 
                                 "the slice the config's mesh name says (tpu_v5e_64 -> v5e-64)")
 _OUT = flags.DEFINE_string("out", "", "write FILE.json and FILE.md (markdown) here")
 _MIN_HEADROOM = flags.DEFINE_float("min_headroom", 0.1, "fraction of usable HBM to keep free")
+_SLOTS = flags.DEFINE_integer("slots", 0, "plan the rollout at this many decode rows (rollout.slots)")
 _ONLY = flags.DEFINE_list("only", [], "compile only the calls whose names start with these (e.g. update)")
 
 
@@ -149,7 +156,7 @@ def main(argv):
     if not topology:
         raise app.UsageError("pass --topology=v4-32|v5e-64|v5p-N|v6e-N|host|gpu8xh100")
     t0 = time.perf_counter()
-    res = plan(_CONFIG.value, topology, _MIN_HEADROOM.value, tuple(_ONLY.value))
+    res = plan(_CONFIG.value, topology, _MIN_HEADROOM.value, tuple(_ONLY.value), _SLOTS.value)
     res["command"] = " ".join(["python -m tspo_jax.plan", *sys.argv[1:]])
     res["wall_s"] = time.perf_counter() - t0
     md = report.markdown(res)

@@ -80,17 +80,24 @@ def abstract_params(model_cfg: qwen2.Qwen2Config, mesh: Mesh) -> tuple[nnx.Graph
 
 
 def abstract_opt_state(tx: optax.GradientTransformation, params, mesh: Mesh):
-    """tx.init's output with the shardings the trainer's state gets: jax.eval_shape drops them, so
-    they are read from tx.init compiled on the mesh (moments like their parameters), and leaves
-    left unplaced (the step count) are replicated, as Trainer._on_mesh does."""
+    """tx.init's output with the shardings the trainer's state gets. On live sharded params, each
+    Adam moment (a tree shaped like the params) comes out sharded like its parameter; the rest
+    (the step count) is replicated by Trainer._on_mesh. jax.eval_shape drops shardings, and a
+    compiled tx.init does not propagate them to its zeros, so they are put back here."""
     shapes = jax.eval_shape(tx.init, params)
-    compiled = jax.jit(tx.init).lower(params).compile()
+    param_def = jax.tree.structure(params)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
     replicated = NamedSharding(mesh, P())
 
-    def pick(s):
-        return s if isinstance(s, NamedSharding) and s.mesh.shape == mesh.shape else replicated
+    def like_params(x):
+        return jax.tree.structure(x) == param_def
 
-    return with_shardings(shapes, jax.tree.map(pick, compiled.output_shardings))
+    def place(sub):
+        if like_params(sub):
+            return with_shardings(sub, param_shardings)
+        return jax.ShapeDtypeStruct(sub.shape, sub.dtype, sharding=replicated)
+
+    return jax.tree.map(place, shapes, is_leaf=like_params)
 
 
 def planning_stop_table(vocab: int):

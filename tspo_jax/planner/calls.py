@@ -44,10 +44,11 @@ def _sds(shape, dtype, sharding):
 def rollout_shapes(run: AbstractRun) -> dict:
     """Rows, prompt width, cache length and block widths the rollout compiles for."""
     c = run.config
-    rcfg = rollout.RolloutConfig(**c.rollout.to_dict())
+    known = {f.name for f in dataclasses.fields(rollout.RolloutConfig)}
+    rcfg = rollout.RolloutConfig(**{k: v for k, v in c.rollout.to_dict().items() if k in known})
     rows = c.prompts_per_step * c.group_size
     row_multiple = run.sampler.row_multiple
-    slots = c.rollout.get("slots", 0) or 0
+    slots = min(c.rollout.get("slots", 0) or 0, rows)
     # Without decode slots the whole step's rows decode at once, bucketed as EpisodeRunner.run does.
     batch = sampling.bucket(rows, row_multiple) if not slots else -(-slots // row_multiple) * row_multiple
     width = sampling.bucket(rcfg.max_prompt_length, 16)

@@ -65,3 +65,21 @@ def markdown(res: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def summary(results: list[dict]) -> str:
+    """One row per plan (config x topology): the fit, the largest function, the projected times."""
+    lines = [_row(["plan", "chips", "fits", "largest function", "peak GiB/chip", "% usable", "resident GiB/chip",
+                   "step: rollout + reference + update", "200 steps", "1,005 steps"]), _row(["---"] * 10)]
+    for res in results:
+        t, st = res["target"], res["step_s"]
+        worst = max(res["functions"], key=lambda f: f["peak_bytes"])
+        per_step = st["total"] + st["eval_amortised"]
+        lines.append(_row([
+            res.get("command", "").replace("python -m tspo_jax.plan ", ""), f"{t['chips']} x {t['chip']}"
+            + ("" if t["compiled"] else " (estimate)"), "yes" if res["fits"] else "**NO**", worst["name"],
+            _g(worst["peak_bytes"]), f"{100 * worst['peak_bytes'] / t['usable_bytes']:.0f}%",
+            _g(res["resident_bytes"]["total"]),
+            f"{_t(st['total'])} = {_t(st['rollout'])} + {_t(st['reference'])} + {_t(st['update'])}",
+            _t(200 * per_step), _t(1005 * per_step)]))
+    return "\n".join(lines) + "\n"
