@@ -110,3 +110,16 @@ def test_collective_bytes_reads_hlo_result_shapes():
   %x = f32[9]{0} add(f32[9]{0} %d, f32[9]{0} %e)
 """
     assert analyse.collective_bytes(hlo) == {"all-gather": 16 * 2048 * 2, "all-reduce": 48, "reduce-scatter": 24}
+
+
+def test_cpu_memory_scheduler_flag_is_added_once_and_a_users_choice_kept(monkeypatch):
+    from tspo_jax import xla_flags
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    xla_flags.use_memory_scheduler_on_cpu()
+    xla_flags.use_memory_scheduler_on_cpu()
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
+                                               "--xla_cpu_enable_concurrency_optimized_scheduler=false"]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=true")
+    xla_flags.use_memory_scheduler_on_cpu()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true"

@@ -26,6 +26,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from tspo_jax import xla_flags
 from tspo_jax.planner import abstract, analyse, calls as calls_lib, hardware, report
 
 log = logging.getLogger("tspo_jax.plan")
@@ -106,7 +107,8 @@ def plan(config, topology: str, min_headroom: float = 0.1, only: tuple[str, ...]
         "resident_bytes": resident | {"kv_cache": kv_cache,
                                       "total": sum(resident.values()) + kv_cache},
         "functions": functions,
-        "fits": all(f["fits"] for f in functions),
+        # None: nothing compiled (--only matched nothing), only the resident state is known.
+        "fits": all(f["fits"] for f in functions) if functions else None,
         "step_s": {"rollout": step.get("rollout", 0.0), "reference": step.get("reference", 0.0),
                    "update": step.get("update", 0.0), "total": step_s, "eval_amortised": eval_s},
         "projected_s": {"200_steps": 200 * (step_s + eval_s), "total_steps": config.total_steps * (step_s + eval_s)},
@@ -149,6 +151,7 @@ def _topology_from_argv() -> str:
 
 def main(argv):
     del argv
+    xla_flags.use_memory_scheduler_on_cpu()  # as the trainer: --topology=host compiles what it runs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if _CONFIG.value is None:
         raise app.UsageError("pass --config=configs/NAME.py[:MESH]")
@@ -172,6 +175,9 @@ def main(argv):
         print(line, file=sys.stderr)
     if bad:
         sys.exit(1)
+    if res["fits"] is None:
+        print("nothing compiled (--only matched no function): the resident state above is all that was planned")
+        return
     print(f"fits: {res['target']['name']}, every function within {1 - res['min_headroom']:.0%} of "
           f"{res['target']['usable_bytes'] / 2**30:.2f} GiB per chip")
 

@@ -32,7 +32,7 @@ from tspo_jax import advantages as adv_lib
 from tspo_jax import checkpointing, data, evaluate as evaluation, rewards, rollout, sampling
 from tspo_jax import sharding as shd
 from tspo_jax import update as update_lib
-from tspo_jax import warmstart
+from tspo_jax import warmstart, xla_flags
 from tspo_jax.config_checks import validate_config
 from tspo_jax.metrics import MetricsWriter, plot_training, read_metrics
 from tspo_jax.policy import build_policy, params_of, save_policy_config, save_run_config
@@ -275,6 +275,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metr
 
 def main(argv):
     del argv
+    xla_flags.use_memory_scheduler_on_cpu()  # before the Trainer asks JAX for devices
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
     logging.getLogger("tspo_jax").setLevel(logging.INFO)  # our own progress (warm start, resume, saves)

@@ -61,7 +61,8 @@ def markdown(res: dict) -> str:
         f"{_t(st['update'])}; evaluation adds {_t(st['eval_amortised'])} per step amortised. "
         f"200 steps: {_t(p['200_steps'])}; total_steps ({c['total_steps']}): {_t(p['total_steps'])}.",
         "",
-        f"Verdict: {'fits' if res['fits'] else 'DOES NOT FIT'} with {res['min_headroom']:.0%} headroom.",
+        "Verdict: " + ("nothing compiled: resident state only" if res["fits"] is None else
+                       f"{'fits' if res['fits'] else 'DOES NOT FIT'} with {res['min_headroom']:.0%} headroom."),
         "",
     ]
     return "\n".join(lines)
@@ -73,7 +74,11 @@ def summary(results: list[dict]) -> str:
                    "step: rollout + reference + update", "200 steps", "1,005 steps"]), _row(["---"] * 10)]
     for res in results:
         t, st = res["target"], res["step_s"]
-        worst = max(res["functions"], key=lambda f: f["peak_bytes"])
+        worst = max(res["functions"], key=lambda f: f["peak_bytes"], default=None)
+        if worst is None:
+            lines.append(_row([res.get("command", ""), t["chips"], "not compiled", "-", "-", "-",
+                               _g(res["resident_bytes"]["total"]), "-", "-", "-"]))
+            continue
         per_step = st["total"] + st["eval_amortised"]
         lines.append(_row([
             res.get("command", "").replace("python -m tspo_jax.plan ", ""), f"{t['chips']} x {t['chip']}"
