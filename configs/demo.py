@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.rollout = ml_collections.ConfigDict(dict(
         max_turns=3, max_response_length=48, max_obs_length=160, max_prompt_length=256, max_context_length=0,
-        topk=3, temperature=1.0, top_p=1.0, top_k=0, greedy=False, resume="cache", on_retriever_error="raise",
+        docs_per_search=3, temperature=1.0, top_p=1.0, top_k=0, greedy=False, resume="cache", on_retriever_error="raise",
         # A short instruction: the tiny policy learns the tags from the warm start, and every
         # prompt token costs compute in all episodes (configs for real models use the full one).
         template="Search, then answer.\nQuestion: {question}\n", use_chat_template=True))
@@ -61,10 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
     # A partial warm start on purpose (measured, held-out EM): 400 steps reach 0.90 and leave RL
     # little to do; 150 steps reach only 0.16, where 20 RL steps found too few right answers;
     # 250 steps reach 0.76, with mixed groups for GRPO and all-wrong ones for FOLR.
-    c.warmstart = ml_collections.ConfigDict(dict(steps=250, lr=3e-3, batch_size=16, seed=0, from_dir=""))
+    # Demonstrations come from the task's own scripted episodes ("module:function").
+    c.warmstart = ml_collections.ConfigDict(dict(steps=250, lr=3e-3, batch_size=16, seed=0, from_dir="",
+                                                 demonstrations="tspo_jax.demo_task:demonstrations"))
 
     c.reward = rewards.default_config()
-    c.reward.num_turns = c.rollout.max_turns + 1
     c.advantage = advantages.default_config()  # name = "tspo"
     c.loss = losses.default_config()
     c.loss.kl_coef = 0.001
@@ -73,9 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict(dict(
         # lr 1e-3 collapsed the policy within 10 steps (held-out EM 0.76 -> 0.11); 1e-4 improved it.
-        lr=1e-4, schedule="constant", warmup_ratio=0.05, warmup_steps=None, weight_decay=0.01,
+        lr=1e-4, schedule="constant", warmup_ratio=0.05, weight_decay=0.01,
         b1=0.9, b2=0.999, grad_clip=1.0))
-    c.optim.warmup_steps = ml_collections.config_dict.placeholder(int)
+    c.optim.warmup_steps = ml_collections.config_dict.placeholder(int)  # None: from warmup_ratio
 
     c.eval = ml_collections.ConfigDict(dict(every=10, max_examples=70, batch_size=70))
     return c

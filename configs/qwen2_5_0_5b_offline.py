@@ -68,7 +68,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.max_prompt_length = 256
     c.rollout.max_context_length = 0  # 0: enough for every turn at full length
     c.rollout.use_chat_template = True  # an instruct model
-    c.reward.num_turns = c.rollout.max_turns + 1
 
     c.eval.every = 10
     c.eval.max_examples = 16

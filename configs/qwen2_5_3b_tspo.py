@@ -152,7 +152,7 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
             # Search-R1 caps the rolling context at data.max_prompt_length=4096 before each 500-token
             # turn; 4096 + 500 rounded up to a multiple of 64 is the same budget for our KV cache.
             max_context_length=4608,
-            topk=3,
+            docs_per_search=3,
             temperature=1.0,
             top_p=1.0,
             top_k=0,
@@ -165,10 +165,10 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
         )
     )
 
-    c.warmstart = ml_collections.ConfigDict(dict(steps=0, lr=1e-5, batch_size=16, seed=0, from_dir=""))
+    c.warmstart = ml_collections.ConfigDict(dict(steps=0, lr=1e-5, batch_size=16, seed=0, from_dir="",
+                                                 demonstrations=""))
 
     c.reward = rewards.default_config()  # EM, FOLR alpha 0.5 (TSPO.md)
-    c.reward.num_turns = c.rollout.max_turns + 1
     c.advantage = advantages.default_config()  # name = "tspo"
     c.loss = losses.default_config()  # PPO clip 0.2, low_var_kl
     c.loss.kl_coef = 0.001  # actor.kl_loss_coef, kl_loss_type=low_var_kl
@@ -181,7 +181,6 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
             lr=1e-6,
             schedule="constant",
             warmup_ratio=0.285,
-            warmup_steps=None,
             weight_decay=0.01,
             b1=0.9,
             b2=0.999,

@@ -428,8 +428,7 @@ def test_hand_worked_example():
         ),
     ]
     cfg = R.default_config()
-    cfg.num_turns = K  # 4 turn slots; these episodes use at most 3
-    rb = R.compute_rewards(episodes, cfg)
+    rb = R.compute_rewards(episodes, cfg, num_turns=K)  # 4 turn slots; these episodes use at most 3
     np.testing.assert_array_equal(rb.first_occurrence, [1, 0, -1, -1, -1])
     np.testing.assert_array_equal(rb.outcome, [0, 0, 0, 0, 0])
     np.testing.assert_allclose(

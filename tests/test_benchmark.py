@@ -301,7 +301,7 @@ def test_scripted_model_follows_the_script_in_jax_and_torch(tok):
                            stop_strings=rollout.STOP_STRINGS, token_bytes=tok.token_bytes)
     # Ragged prompts, one of them ending in an observation: each must start the scripted turn.
     prompts = [list(script.prompts[0]), list(script.prompts[1]) + list(obs)]
-    outs = smp.generate(state, prompts, max_new_tokens=40, params=sampling.SamplingParams(greedy=True))
+    outs = smp.generate(state, prompts, max_new_tokens=40, sampling=sampling.SamplingParams(greedy=True))
     for o in outs:
         assert o["token_ids"] == list(script.turn_ids) and o["stop_string"] == "</search>"
     tm = configs.torch_model(model, "float32")

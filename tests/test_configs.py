@@ -194,6 +194,31 @@ def test_missing_data_gets_a_clear_error(stand_ins, tmp_path, monkeypatch):
         validate_config(load("qwen2_5_3b_tspo.py"))
 
 
+@pytest.mark.parametrize("section,key,match", [
+    ("rollout", "topk", "rollout.topk was renamed rollout.docs_per_search"),
+    ("reward", "num_turns", "reward.num_turns is gone"),
+])
+def test_renamed_and_removed_keys_are_named(section, key, match):
+    c = load("demo.py")
+    c.unlock()
+    c[section][key] = 3
+    with pytest.raises(ConfigError, match=match):
+        validate_config(c)
+
+
+def test_unused_arch_and_corpus_are_reported(stand_ins, monkeypatch, caplog):
+    ckpt, data_dir = stand_ins  # a Qwen2.5-3B config.json
+    monkeypatch.setenv("TSPO_MODEL_DIR", str(ckpt))
+    monkeypatch.setenv("TSPO_DATA_DIR", str(data_dir))
+    c = load("qwen2_5_3b_tspo.py", overrides=("--config.model.arch.num_layers=2",
+                                              "--config.retriever.corpus=/some/corpus.jsonl"))
+    with caplog.at_level("WARNING", logger="tspo_jax.config_checks"):
+        validate_config(c)
+    text = caplog.text
+    assert "model.arch is unused" in text and "'num_layers': (2, 36)" in text
+    assert "retriever.corpus, index_dir and mode are unused" in text
+
+
 def test_wrong_slice_for_the_mesh_is_refused(stand_ins, monkeypatch):
     ckpt, data_dir = stand_ins
     monkeypatch.setenv("TSPO_MODEL_DIR", str(ckpt))
@@ -231,10 +256,9 @@ SEARCH_R1 = {
     "rollout.max_turns": 4,
     "rollout.max_response_length": 500,
     "rollout.max_obs_length": 500,
-    "rollout.topk": 3,
+    "rollout.docs_per_search": 3,
     "rollout.max_prompt_length": 2048,
     "rollout.max_context_length": 4096 + 512,
-    "reward.num_turns": 5,
     "reward.em_score": 1.0,
     "reward.folr.alpha": 0.5,
     "reward.folr.scope": "information",
@@ -365,7 +389,7 @@ def test_offline_config_is_the_same_recipe_on_the_demo_task():
     assert (off.prompts_per_step, off.group_size, off.rollout.max_turns) == (4, 4, 2)
     assert (off.rollout.max_response_length, off.rollout.max_obs_length) == (128, 256)
     assert off.warmstart.steps == 0 and off.rollout.use_chat_template and off.model.tokenizer == ""
-    assert off.reward.num_turns == off.rollout.max_turns + 1
+    assert "num_turns" not in off.reward  # the reward's turn slots follow the rollout's
     for section in ("optim", "loss", "advantage"):
         assert off[section].to_dict() == big[section].to_dict(), section
     assert off.reward.folr.to_dict() == big.reward.folr.to_dict()

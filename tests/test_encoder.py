@@ -143,7 +143,7 @@ def test_real_minilm_matches_torch(minilm, minilm_torch):
 def test_real_minilm_truncates_long_text_like_torch(minilm, minilm_torch):
     hf, hf_tok = minilm_torch
     model = minilm[0]
-    tokenizer = E.load_tokenizer(E.default_encoder_path(), max_length=24)
+    tokenizer = E.load_encoder_tokenizer(E.default_encoder_path(), max_length=24)
     long_text = " ".join(SENTENCES * 3)
     batch = hf_tok(
         [long_text, SENTENCES[0]], padding=True, truncation=True, max_length=24, return_tensors="np"

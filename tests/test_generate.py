@@ -160,7 +160,7 @@ def scripted_ckpt(tmp_path_factory, tok):
 def test_question_runs_a_search_episode(scripted_ckpt, index_dir, tok, tmp_path):
     out = tmp_path / "out.jsonl"
     src = _write_jsonl(tmp_path / "in.jsonl", [{"question": QUESTION}])
-    opts = generate.GenerateOptions(greedy=True, max_new_tokens=24, max_turns=2, topk=3, max_obs_length=128)
+    opts = generate.GenerateOptions(greedy=True, max_new_tokens=24, max_turns=2, docs_per_search=3, max_obs_length=128)
     (ep,) = generate.run(scripted_ckpt, src, str(out), opts, retriever=index_dir)
     assert [t["action"] for t in ep["turns"]] == ["search", "answer"]
     assert ep["turns"][0]["query"] == "Dravel" and ep["turns"][0]["stop"] == "stop_string"

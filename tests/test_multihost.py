@@ -41,7 +41,6 @@ OVERRIDES = {
     "rollout.max_turns": 1,
     "rollout.max_response_length": 12,
     "rollout.max_obs_length": 48,
-    "reward.num_turns": 2,
     "warmstart.steps": 2,
     "warmstart.batch_size": 8,
     "eval.every": 0,

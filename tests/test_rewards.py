@@ -89,7 +89,6 @@ def obs(*docs):
 
 def cfg(**folr):
     c = R.default_config()
-    c.num_turns = 4
     for k, v in folr.items():
         setattr(c.folr, k, v)
     return c
@@ -263,7 +262,7 @@ def four_turns(hit_turn, answer="Percy Shelley", policy_mentions=False):
 
 
 def test_gold_in_turn_2_of_4():
-    rb = R.compute_rewards([four_turns(hit_turn=1)], cfg())
+    rb = R.compute_rewards([four_turns(hit_turn=1)], cfg(), num_turns=4)
     assert rb.first_occurrence[0] == 1
     assert rb.em[0] == 0.0
     np.testing.assert_allclose(rb.turn_returns[0], [0.5, 0.5, 0.0, 0.0])
@@ -271,7 +270,7 @@ def test_gold_in_turn_2_of_4():
 
 
 def test_correct_episode_gets_outcome_on_every_turn():
-    rb = R.compute_rewards([four_turns(hit_turn=1, answer="mary shelley.")], cfg())
+    rb = R.compute_rewards([four_turns(hit_turn=1, answer="mary shelley.")], cfg(), num_turns=4)
     assert rb.em[0] == 1.0 and rb.first_occurrence[0] == 1
     np.testing.assert_allclose(rb.turn_returns[0], [1.0] * 4)
 
@@ -281,22 +280,22 @@ def test_gold_only_in_question_is_ignored():
     ep = make_episode(
         q, ["Mary Shelley"], [("<search>x</search>", obs("Mary Shelley wrote it.")), ("", None)], "no"
     )
-    assert R.compute_rewards([ep], cfg()).first_occurrence[0] == -1
-    assert R.compute_rewards([ep], cfg(guard_question=False)).first_occurrence[0] == 0
+    assert R.compute_rewards([ep], cfg(), num_turns=4).first_occurrence[0] == -1
+    assert R.compute_rewards([ep], cfg(guard_question=False), num_turns=4).first_occurrence[0] == 0
 
 
 def test_gold_shorter_than_minimum_is_ignored():
     ep = make_episode(
         "Is Rome in Italy?", ["yes"], [("<search>x</search>", obs("Yes, Rome is there.")), ("", None)], "no"
     )
-    assert R.compute_rewards([ep], cfg()).first_occurrence[0] == -1  # "yes" has 3 < 4 chars
-    assert R.compute_rewards([ep], cfg(min_answer_chars=3)).first_occurrence[0] == 0
+    assert R.compute_rewards([ep], cfg(), num_turns=4).first_occurrence[0] == -1  # "yes" has 3 < 4 chars
+    assert R.compute_rewards([ep], cfg(min_answer_chars=3), num_turns=4).first_occurrence[0] == 0
 
 
 def test_gold_in_policy_text_counts_only_under_scope_all():
     ep = four_turns(hit_turn=-1, policy_mentions=True)
-    assert R.compute_rewards([ep], cfg(scope="information")).first_occurrence[0] == -1
-    rb = R.compute_rewards([ep], cfg(scope="all"))
+    assert R.compute_rewards([ep], cfg(scope="information"), num_turns=4).first_occurrence[0] == -1
+    rb = R.compute_rewards([ep], cfg(scope="all"), num_turns=4)
     assert rb.first_occurrence[0] == 0
     np.testing.assert_allclose(rb.turn_returns[0], [0.5, 0.0, 0.0, 0.0])
 
@@ -309,17 +308,17 @@ def test_aliases_punctuation_and_articles_in_documents():
         [("<search>abbey road</search>", obs("Abbey Road is an album by the Beatles!")), ("", None)],
         "x",
     )
-    assert R.compute_rewards([ep], cfg()).first_occurrence[0] == 0
+    assert R.compute_rewards([ep], cfg(), num_turns=4).first_occurrence[0] == 0
     ep = make_episode(
         "Which country?", ["U.S.A."], [("<search>q</search>", obs("It is in the USA.")), ("", None)], "x"
     )
-    assert R.compute_rewards([ep], cfg(min_answer_chars=3)).first_occurrence[0] == 0
+    assert R.compute_rewards([ep], cfg(min_answer_chars=3), num_turns=4).first_occurrence[0] == 0
 
 
 def test_word_match_mode_rejects_partial_words():
     ep = make_episode("Where?", ["Paris"], [("<search>q</search>", obs("A Parisian cafe.")), ("", None)], "x")
-    assert R.compute_rewards([ep], cfg(match="substring")).first_occurrence[0] == 0
-    assert R.compute_rewards([ep], cfg(match="word")).first_occurrence[0] == -1
+    assert R.compute_rewards([ep], cfg(match="substring"), num_turns=4).first_occurrence[0] == 0
+    assert R.compute_rewards([ep], cfg(match="word"), num_turns=4).first_occurrence[0] == -1
 
 
 def test_one_turn_episode_and_disabled_folr():
@@ -328,13 +327,13 @@ def test_one_turn_episode_and_disabled_folr():
     assert rb.turn_returns.shape == (1, 3)
     np.testing.assert_array_equal(rb.turn_valid[0], [True, False, False])
     np.testing.assert_allclose(rb.turn_returns[0], [0.0, 0.0, 0.0])
-    off = R.compute_rewards([four_turns(hit_turn=0)], cfg(enabled=False))
+    off = R.compute_rewards([four_turns(hit_turn=0)], cfg(enabled=False), num_turns=4)
     assert off.first_occurrence[0] == -1
     np.testing.assert_allclose(off.turn_returns[0], [0.0] * 4)
 
 
 def test_alpha_is_used():
-    rb = R.compute_rewards([four_turns(hit_turn=2)], cfg(alpha=0.25))
+    rb = R.compute_rewards([four_turns(hit_turn=2)], cfg(alpha=0.25), num_turns=4)
     np.testing.assert_allclose(rb.turn_returns[0], [0.25, 0.25, 0.25, 0.0])
 
 
@@ -386,12 +385,12 @@ def episodes(draw):
 @settings(max_examples=60, deadline=None)
 def test_compute_rewards_matches_reference(eps, scope, min_chars, guard, match, alpha):
     c = cfg(scope=scope, min_answer_chars=min_chars, guard_question=guard, match=match, alpha=alpha)
-    rb = R.compute_rewards(eps, c)
+    rb = R.compute_rewards(eps, c, num_turns=4)
     for i, ep in enumerate(eps):
         answer = ref_extract(ep.response_text)
         em = ref_em(answer, ep.golds)
         k_star = ref_first_occurrence(ep, scope, min_chars, guard, match == "word")
-        assert rb.answers[i] == answer
+        assert R.extract_answer(ep.response_text) == answer
         assert rb.em[i] == em and rb.outcome[i] == em
         assert rb.first_occurrence[i] == k_star
         np.testing.assert_allclose(
@@ -408,13 +407,13 @@ def test_compute_rewards_matches_reference(eps, scope, min_chars, guard, match, 
 def test_bad_config_and_episodes_raise_clear_errors():
     ep = four_turns(hit_turn=1)
     with pytest.raises(ValueError, match=r"scope='foo'.*\('information', 'all'\)"):
-        R.compute_rewards([ep], cfg(scope="foo"))
+        R.compute_rewards([ep], cfg(scope="foo"), num_turns=4)
     with pytest.raises(ValueError, match="match="):
-        R.compute_rewards([ep], cfg(match="regex"))
+        R.compute_rewards([ep], cfg(match="regex"), num_turns=4)
     with pytest.raises(ValueError, match="alpha"):
-        R.compute_rewards([ep], cfg(alpha=2.0))
+        R.compute_rewards([ep], cfg(alpha=2.0), num_turns=4)
     with pytest.raises(ValueError, match="min_answer_chars"):
-        R.compute_rewards([ep], cfg(min_answer_chars=0))
+        R.compute_rewards([ep], cfg(min_answer_chars=0), num_turns=4)
     with pytest.raises(ValueError, match="4 turns but num_turns"):
         R.compute_rewards([ep], cfg(), num_turns=2)
     with pytest.raises(ValueError, match="list of aliases"):
@@ -424,7 +423,7 @@ def test_bad_config_and_episodes_raise_clear_errors():
     with pytest.raises(ValueError, match="observations"):
         R.EpisodeText("q", ["a"], "nq", ["t", "u"], [None], "tu")
     with pytest.raises(TypeError, match="EpisodeText"):
-        R.compute_rewards([{"question": "q"}], cfg())
+        R.compute_rewards([{"question": "q"}], cfg(), num_turns=4)
 
 
 def test_golds_from_numpy_array_are_accepted():
@@ -432,4 +431,4 @@ def test_golds_from_numpy_array_are_accepted():
         "q", np.array(["Paris", "paris"]), "nq", ["<answer>Paris</answer>"], [None], "<answer>Paris</answer>"
     )
     assert ep.golds == ["Paris", "paris"]
-    assert R.compute_rewards([ep], cfg()).em[0] == 1.0
+    assert R.compute_rewards([ep], cfg(), num_turns=4).em[0] == 1.0

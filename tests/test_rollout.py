@@ -50,7 +50,7 @@ def _cfg(**kw):
         max_turns=2,
         max_response_length=24,
         max_obs_length=64,
-        topk=2,
+        docs_per_search=2,
         greedy=True,
         template="{question}",
         use_chat_template=False,

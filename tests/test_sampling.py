@@ -30,7 +30,7 @@ PROMPTS = [[5, 17, 99], list(range(30, 45)), [200, 3, 3, 8, 250, 1, 77]]
 
 def test_greedy_equals_transformers_generate_batched_left_padded(pair):
     hf, _, state, smp = pair
-    res = smp.generate(state, PROMPTS, max_new_tokens=16, params=sampling.SamplingParams(greedy=True))
+    res = smp.generate(state, PROMPTS, max_new_tokens=16, sampling=sampling.SamplingParams(greedy=True))
     # HF on the same left-padded batch.
     t = max(map(len, PROMPTS))
     ids = torch.zeros((3, t), dtype=torch.long)
@@ -69,7 +69,7 @@ def _recomputed_logprobs(model, prompt, gen, temperature):
 def test_sampled_logprobs_equal_recomputed_forward(pair, temperature, top_p, top_k):
     _, model, state, smp = pair
     params = sampling.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-    res = smp.generate(state, PROMPTS, max_new_tokens=12, params=params, seed=3)
+    res = smp.generate(state, PROMPTS, max_new_tokens=12, sampling=params, seed=3)
     for p, r in zip(PROMPTS, res):
         assert len(r["token_ids"]) >= 1
         ref = _recomputed_logprobs(model, p, r["token_ids"], temperature)
@@ -78,16 +78,16 @@ def test_sampled_logprobs_equal_recomputed_forward(pair, temperature, top_p, top
 
 def test_top_k_one_and_tiny_top_p_are_greedy(pair):
     _, _, state, smp = pair
-    greedy = smp.generate(state, PROMPTS, max_new_tokens=10, params=sampling.SamplingParams(greedy=True))
+    greedy = smp.generate(state, PROMPTS, max_new_tokens=10, sampling=sampling.SamplingParams(greedy=True))
     for params in (sampling.SamplingParams(top_k=1), sampling.SamplingParams(top_p=1e-6)):
-        got = smp.generate(state, PROMPTS, max_new_tokens=10, params=params, seed=5)
+        got = smp.generate(state, PROMPTS, max_new_tokens=10, sampling=params, seed=5)
         assert [g["token_ids"] for g in got] == [g["token_ids"] for g in greedy]
 
 
 def test_top_k_samples_only_from_the_k_best(pair):
     _, model, state, smp = pair
     prompt = [[11, 12, 13]] * 8
-    res = smp.generate(state, prompt, max_new_tokens=1, params=sampling.SamplingParams(top_k=3), seed=1)
+    res = smp.generate(state, prompt, max_new_tokens=1, sampling=sampling.SamplingParams(top_k=3), seed=1)
     logits, _ = model(jnp.asarray(prompt[:1]))
     best3 = set(np.argsort(np.asarray(logits[0, -1]))[-3:].tolist())
     assert {r["token_ids"][0] for r in res} <= best3
@@ -113,7 +113,7 @@ def test_budget_per_row_and_context_limit(pair):
         gen,
         jax.random.key(0),
         max_new=9,
-        params=sampling.SamplingParams(greedy=True),
+        sampling=sampling.SamplingParams(greedy=True),
         active=active,
         budget=budget,
     )
@@ -127,7 +127,7 @@ def test_budget_per_row_and_context_limit(pair):
     # A cache with 4 free slots stops every row for context after 4 tokens.
     gen = smp.prefill(state, tokens, valid, max_len=20)
     gen, out = smp.decode(
-        state, gen, jax.random.key(0), max_new=10, params=sampling.SamplingParams(greedy=True), active=active
+        state, gen, jax.random.key(0), max_new=10, sampling=sampling.SamplingParams(greedy=True), active=active
     )
     n = np.asarray(out.num_tokens)[:3]
     r = np.asarray(out.stop_reason)[:3]
@@ -148,9 +148,9 @@ def test_a_single_prompt_decodes_on_one_row(pair):
     gives the tokens it gets inside a batch."""
     _, _, state, smp = pair
     greedy = sampling.SamplingParams(greedy=True)
-    batched = smp.generate(state, PROMPTS, max_new_tokens=6, params=greedy)
+    batched = smp.generate(state, PROMPTS, max_new_tokens=6, sampling=greedy)
     before = smp.compile_counts["decode"]
-    alone = smp.generate(state, PROMPTS[1:2], max_new_tokens=6, params=greedy)
+    alone = smp.generate(state, PROMPTS[1:2], max_new_tokens=6, sampling=greedy)
     assert smp.compile_counts["decode"] == before + 1
     assert alone[0]["token_ids"] == batched[1]["token_ids"]
 
@@ -171,8 +171,8 @@ def test_sampler_on_a_mesh_splits_the_cache_by_rows_and_matches_one_device(pair)
     sharded = sampling.Sampler(nnx.graphdef(model), model.cfg, eos_ids=[7], pad_id=0, mesh=mesh)
     sharded_state = jax.device_put(state, shd.state_shardings(state, mesh))
     params = sampling.SamplingParams(greedy=True)
-    expect = smp.generate(state, PROMPTS, max_new_tokens=10, params=params)
-    got = sharded.generate(sharded_state, PROMPTS, max_new_tokens=10, params=params)
+    expect = smp.generate(state, PROMPTS, max_new_tokens=10, sampling=params)
+    got = sharded.generate(sharded_state, PROMPTS, max_new_tokens=10, sampling=params)
     assert [g["token_ids"] for g in got] == [e["token_ids"] for e in expect]
     tokens, valid = sampling.left_pad(PROMPTS, 16, 0, num_rows=8)
     gen = sharded.prefill(sharded_state, tokens, valid, max_len=64)

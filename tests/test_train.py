@@ -46,7 +46,6 @@ def tiny_config(index_dir, **kw):
     c.rollout.max_turns = 1
     c.rollout.max_response_length = 12
     c.rollout.max_obs_length = 48
-    c.reward.num_turns = 2
     c.warmstart.steps = 2
     c.warmstart.batch_size = 8
     c.eval.every = 3

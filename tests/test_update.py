@@ -63,7 +63,7 @@ def _setup(mesh_shape, micro):
     loss_cfg.entropy_coef = 0.0
     loss_cfg.logprob_chunk = 8
     tx = optax.sgd(1.0)
-    upd = update_lib.PolicyUpdater(nnx.graphdef(model), cfg, loss_cfg, tx, mesh, micro_batch=micro)
+    upd = update_lib.PolicyUpdater(nnx.graphdef(model), loss_cfg, tx, mesh, micro_batch=micro)
     return model, upd, loss_cfg
 
 

@@ -194,7 +194,7 @@ def run_config(bc: configs.BenchConfig, args, dtype: str, limits: costs.Limits, 
 def main(argv=None) -> dict:
     import torch
 
-    threads = configs._default_threads()
+    threads = configs.default_threads()
     try:
         return _main(parse_args(argv), argv)
     finally:
@@ -234,8 +234,8 @@ def rescore_results(res: dict) -> None:
         if e:
             turn, obs = e["policy_tokens_per_turn"], e["observation_tokens"][0]
             prompt = e["episode_tokens"][0] - e["turns"] * turn - e["searches_per_episode"] * obs
-            eps = episodes.synthetic_episodes(e["rows"], prompt, turn, obs, e["searches_per_episode"])
-            own = episodes.method_limits(cfg.replace(tie_word_embeddings=False), eps, e["max_response_length"], limits)
+            synthetic = episodes.synthetic_episodes(e["rows"], prompt, turn, obs, e["searches_per_episode"])
+            own = episodes.method_limits(cfg.replace(tie_word_embeddings=False), synthetic, e["max_response_length"], limits)
             e["limit_s"] = own["interrupt_resume"]
             for m, lim in own.items():
                 med = e[m]["median_s"]["total"]

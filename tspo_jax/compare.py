@@ -16,11 +16,10 @@ import os
 
 import numpy as np
 from absl import app, flags
-from absl import logging as absl_logging
 
+from tspo_jax import run_flags
 from tspo_jax.metrics import read_metrics
-
-from tspo_jax.train import _CONFIG, _WORKDIR  # the same --config / --workdir flags as the trainer
+from tspo_jax.train import Trainer  # a comparison is several training runs
 
 _METHODS = flags.DEFINE_list("methods", ["tspo", "grpo"], "advantage estimators to compare")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (the same for every method)")
@@ -30,8 +29,6 @@ LAST_K = 5  # steps averaged for the table's "late" columns
 
 
 def run_one(config, workdir: str) -> list[dict]:
-    from tspo_jax.train import Trainer  # noqa: F811
-
     trainer = Trainer(config, workdir)
     try:
         trainer.train()
@@ -109,17 +106,15 @@ def plot(runs: dict[str, dict[int, list[dict]]], out_png: str) -> str:
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
-    logging.getLogger("tspo_jax").setLevel(logging.INFO)
-    if _CONFIG.value is None or not _WORKDIR.value:
+    run_flags.setup_logging()
+    if run_flags.CONFIG.value is None or not run_flags.WORKDIR.value:
         raise app.UsageError("pass --config=configs/NAME.py and --workdir=DIR")
-    workdir = os.path.abspath(_WORKDIR.value)
+    workdir = os.path.abspath(run_flags.WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)
     runs: dict[str, dict[int, list[dict]]] = {}
     for seed in [int(s) for s in _SEEDS.value]:
         for method in _METHODS.value:
-            config = _CONFIG.value.copy_and_resolve_references()
+            config = run_flags.CONFIG.value.copy_and_resolve_references()
             config.unlock()
             config.advantage.name = method
             config.seed = seed

@@ -6,15 +6,22 @@ values and the relations between them.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
 import ml_collections
 
-from tspo_jax import advantages, losses, rewards, rollout
+from tspo_jax import advantages, losses, rewards, rollout, update
+from tspo_jax import sharding as shd
+from tspo_jax.model import qwen2
+from tspo_jax.retrieval import index as index_lib
 
 REQUIRED_SECTIONS = ("model", "data", "retriever", "rollout", "warmstart", "reward", "advantage", "loss", "optim",
                      "eval", "mesh")
+
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -28,7 +35,10 @@ def _positive(c, *names):
             raise ConfigError(f"config.{n}={v!r} must be a positive integer")
 
 
-def validate_config(c: ml_collections.ConfigDict) -> None:
+def validate_config(c: ml_collections.ConfigDict, *, check_files: bool = True, device_count: int | None = None) -> None:
+    """Raises ConfigError naming the first bad key. `check_files=False` (the abstract planner)
+    skips the existence of data and corpus files; `device_count` replaces the visible devices'
+    count (a mesh for a topology this host does not have)."""
     missing = [s for s in REQUIRED_SECTIONS if s not in c]
     if missing:
         raise ConfigError(f"config lacks the section(s) {missing}; start from configs/demo.py")
@@ -41,43 +51,50 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"prompts_per_step * group_size = {rows} trajectories must be a multiple of "
                           f"mini_batch={c.mini_batch}")
     for name, path in (("data.train", c.data.train), ("data.test", c.data.test)):
-        if path and not os.path.exists(os.path.expanduser(path)):
+        if check_files and path and not os.path.exists(os.path.expanduser(path)):
             raise ConfigError(f"{name}={path!r} does not exist: point it at a Search-R1 parquet or JSONL file")
     if not c.data.train:
         raise ConfigError("data.train is empty: point it at a Search-R1 parquet or JSONL file")
-    if c.retriever.corpus and not c.retriever.spec and not os.path.exists(os.path.expanduser(c.retriever.corpus)):
+    if check_files and c.retriever.corpus and not c.retriever.spec and not os.path.exists(os.path.expanduser(c.retriever.corpus)):
         raise ConfigError(f"retriever.corpus={c.retriever.corpus!r} does not exist")
-    if c.retriever.mode not in ("scann", "exact", "auto"):
-        raise ConfigError(f"retriever.mode={c.retriever.mode!r}: choose scann, exact or auto")
     try:
-        rcfg = rollout.RolloutConfig(**c.rollout.to_dict())
+        index_lib.validate_mode(c.retriever.mode)
+    except ValueError as e:
+        raise ConfigError(f"retriever.{e}") from None
+    if c.retriever.spec and (c.retriever.corpus or c.retriever.index_dir):
+        log.warning("retriever.spec=%r is set, so retriever.corpus, index_dir and mode are unused (they only "
+                    "say how to build an index when spec is empty)", c.retriever.spec)
+    if "topk" in c.rollout:
+        raise ConfigError("rollout.topk was renamed rollout.docs_per_search (documents per search; top_k is "
+                          "the sampling knob): rename the key")
+    if "num_turns" in c.reward:
+        raise ConfigError("reward.num_turns is gone: the reward's turn slots follow rollout.max_turns + 1; "
+                          "delete the key")
+    try:
+        rollout.RolloutConfig(**c.rollout.to_dict())
     except TypeError as e:
         raise ConfigError(f"config.rollout has a key RolloutConfig does not know: {e}") from None
     except ValueError as e:
         raise ConfigError(f"config.rollout: {e}") from None
-    if c.reward.num_turns < rcfg.max_turns + 1:
-        raise ConfigError(f"reward.num_turns={c.reward.num_turns} must be >= rollout.max_turns + 1 = {rcfg.max_turns + 1}")
+    if c.warmstart.steps and ":" not in c.warmstart.get("demonstrations", ""):
+        raise ConfigError(f"warmstart.steps={c.warmstart.steps} needs warmstart.demonstrations, the function that "
+                          "scripts a demonstration ('package.module:function', e.g. "
+                          "'tspo_jax.demo_task:demonstrations'), or warmstart.steps=0")
     for mod, section in ((rewards, "reward"), (advantages, "advantage"), (losses, "loss")):
         try:
             mod.validate_config(c[section])
         except (ValueError, KeyError) as e:
             raise ConfigError(f"config.{section}: {e}") from None
-    if c.optim.schedule not in ("constant", "cosine"):
-        raise ConfigError(f"optim.schedule={c.optim.schedule!r}: choose constant or cosine")
-    if not c.optim.lr > 0:
-        raise ConfigError(f"optim.lr={c.optim.lr} must be > 0")
-    shape = tuple(c.mesh.shape)
-    if len(shape) != 3:
-        raise ConfigError(f"mesh.shape={shape} must have 3 entries (data, fsdp, tensor)")
-    n = 1
-    for s in shape:
-        n *= s if s != -1 else 1
-    if -1 not in shape and n != jax.device_count():
-        raise ConfigError(f"mesh.shape={shape} needs {n} devices but {jax.device_count()} are visible; "
-                          "use -1 for one axis")
-    batch_devices = jax.device_count() // (shape[2] if shape[2] != -1 else 1)
-    if -1 not in shape[:2]:
-        batch_devices = shape[0] * shape[1]
+    try:
+        update.validate_optim(c.optim)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    devices = jax.device_count() if device_count is None else device_count
+    try:
+        shape = shd.resolve_mesh_shape(tuple(c.mesh.shape), devices)
+    except ValueError as e:
+        raise ConfigError(f"mesh.shape: {e}") from None
+    batch_devices = shd.batch_devices(shape)
     lp_rows = c.get("logprob_micro_batch")
     if lp_rows is not None and (not isinstance(lp_rows, int) or lp_rows < 1 or rows % lp_rows):
         raise ConfigError(f"logprob_micro_batch={lp_rows!r} must be a positive divisor of the step's {rows} "
@@ -93,6 +110,21 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise ConfigError(f"model.attention_chunk={chunk!r} must be a positive int (query positions per "
                           "attention chunk; 64 suits CPU)")
-    if c.model.checkpoint and not os.path.isdir(os.path.expanduser(c.model.checkpoint)):
+    if check_files and c.model.checkpoint and not os.path.isdir(os.path.expanduser(c.model.checkpoint)):
         raise ConfigError(f"model.checkpoint={c.model.checkpoint!r} is not a directory: give an HF checkpoint "
                           "directory, or '' to train a fresh model of shape model.arch")
+    if check_files and c.model.checkpoint:
+        _check_arch_matches_checkpoint(c.model)
+
+
+def _check_arch_matches_checkpoint(m: ml_collections.ConfigDict) -> None:
+    """model.arch is not read when model.checkpoint is set (its config.json wins): say so loudly
+    when they disagree, so nobody edits an arch that does nothing."""
+    path = os.path.join(os.path.expanduser(m.checkpoint), "config.json")
+    if not m.get("arch") or not os.path.isfile(path):
+        return
+    ckpt = qwen2.Qwen2Config.from_hf_config(path)
+    differ = {k: (v, getattr(ckpt, k)) for k, v in m.arch.items() if hasattr(ckpt, k) and getattr(ckpt, k) != v}
+    if differ:
+        log.warning("model.arch is unused while model.checkpoint is set, and disagrees with %s on %s "
+                    "(config value, checkpoint value): the checkpoint's shape is used", path, differ)

@@ -2,82 +2,48 @@
 
   python -m tspo_jax.evaluate --config=configs/demo.py --workdir=runs/demo [--step=N]
 
-Loads the latest (or the given) checkpoint of a training workdir and prints and saves the table.
+--workdir is a training workdir (its latest checkpoint, or --step's) or an HF checkpoint
+directory. The config gives the test data, the retriever and the rollout (made greedy). Prints
+the table; for a workdir also saves it beside the trainer's evaluations (eval/step_N.*), and
+writes nothing else there.
 """
 
 from __future__ import annotations
 
-import collections
-import json
 import os
 
-import numpy as np
+from absl import app, flags
 
-from tspo_jax import rewards
+from tspo_jax import evaluation, run_flags
+from tspo_jax.runtime import Runtime
 
-
-def evaluate_examples(runner, params, examples, *, batch_size: int = 64) -> dict:
-    """Greedy episodes for every example; EM overall and per data source."""
-    rows = []
-    for s in range(0, len(examples), batch_size):
-        chunk = examples[s : s + batch_size]
-        eps = runner.run(params, [ex.question for ex in chunk], [ex.uid for ex in chunk], n=1)
-        for ex, ep in zip(chunk, eps):
-            em = rewards.exact_match(ep.answer, ex.golds)
-            rows.append({"uid": ex.uid, "data_source": ex.data_source, "question": ex.question,
-                         "golds": list(ex.golds), "answer": ep.answer, "em": em, "turns": ep.num_turns,
-                         "searches": [t.query for t in ep.turns if t.query], "stop": ep.stop_reason})
-    by_source = collections.defaultdict(list)
-    for r in rows:
-        by_source[r["data_source"]].append(r["em"])
-    metrics = {"em/all": float(np.mean([r["em"] for r in rows])) if rows else float("nan")}
-    for src, ems in sorted(by_source.items()):
-        metrics[f"em/{src}"] = float(np.mean(ems))
-        metrics[f"count/{src}"] = len(ems)
-    return {"metrics": metrics, "rows": rows}
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the latest)")
 
 
-def format_table(metrics: dict) -> str:
-    sources = sorted(k[3:] for k in metrics if k.startswith("em/") and k != "em/all")
-    lines = ["| data source | n | exact match |", "|---|---:|---:|"]
-    for src in sources:
-        lines.append(f"| {src} | {metrics[f'count/{src}']} | {metrics[f'em/{src}']:.3f} |")
-    total = sum(metrics[f"count/{s}"] for s in sources)
-    lines.append(f"| **all** | {total} | {metrics['em/all']:.3f} |")
-    return "\n".join(lines)
-
-
-def save_table(result: dict, out_dir: str, name: str) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    md = os.path.join(out_dir, f"{name}.md")
-    with open(md, "w") as f:
-        f.write(format_table(result["metrics"]) + "\n")
-    return md
+def evaluate(config, checkpoint_or_workdir: str, step: int | None = None) -> tuple[Runtime, dict]:
+    rt = Runtime.for_inference(checkpoint_or_workdir, config=config, step=step)
+    try:
+        examples = rt.test_examples[: config.eval.max_examples]
+        if not examples:
+            raise ValueError("config.data.test is empty: there is nothing to evaluate on")
+        result = evaluation.evaluate_examples(rt.runner, rt.params, examples, batch_size=config.eval.batch_size)
+    finally:
+        rt.close()
+    return rt, result
 
 
 def main(argv):
-    import logging
-
-    from absl import app
-
-    from tspo_jax.train import Trainer, _CONFIG, _WORKDIR
-
     del argv
-    logging.basicConfig(level=logging.INFO)
-    if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError("pass --config=configs/NAME.py and --workdir=DIR (a training workdir)")
-    trainer = Trainer(_CONFIG.value, _WORKDIR.value)
-    try:
-        step = trainer._init_or_restore()
-        result = trainer.evaluate(step)
-    finally:
-        trainer.close()
-    print(f"step {step}\n" + format_table(result["metrics"]))
+    run_flags.setup_logging()
+    if run_flags.CONFIG.value is None or not run_flags.WORKDIR.value:
+        raise app.UsageError("pass --config=configs/NAME.py and --workdir=DIR (a training workdir or an HF checkpoint)")
+    rt, result = evaluate(run_flags.CONFIG.value, run_flags.WORKDIR.value, _STEP.value)
+    if rt.source == "hf":
+        print(f"{rt.workdir} (HF checkpoint)\n" + evaluation.format_table(result["metrics"]))
+        return
+    evaluation.save_table(result, os.path.join(rt.workdir, "eval"), f"step_{rt.step}")
+    print(f"step {rt.step}\n" + evaluation.format_table(result["metrics"]))
 
 
 if __name__ == "__main__":
-    from absl import app
-
     app.run(main)

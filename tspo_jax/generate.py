@@ -30,19 +30,17 @@ from typing import Any, Sequence
 
 import jax
 from absl import app, flags
-from flax import nnx
 
 from tspo_jax import rollout, sampling
-from tspo_jax.checkpointing import Checkpointer
 from tspo_jax.model import params as params_lib
-from tspo_jax.model import qwen2
-from tspo_jax.policy import POLICY_CONFIG, abstract_policy, params_of, saved_rollout
-from tspo_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from tspo_jax.policy import saved_rollout
+from tspo_jax.retrieval import make_retriever
+from tspo_jax.runtime import Runtime
+from tspo_jax.tokenizer import TokenizerError
 
 log = logging.getLogger("tspo_jax.generate")
 
 INPUT_KEYS = ("prompt", "messages", "question")
-GENERATION_CONFIG = "generation_config.json"
 
 
 class GenerateError(ValueError):
@@ -94,96 +92,17 @@ def read_requests(path: str) -> list[Request]:
 
 
 # --- the policy -------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Policy:
-    graphdef: nnx.GraphDef
-    params: nnx.State
-    cfg: qwen2.Qwen2Config
-    tokenizer: Tokenizer
-    eos_ids: tuple[int, ...]
-    source: str  # "hf" or "workdir@STEP"
-
-
-def _generation_eos(*dirs: str | None) -> list[int]:
-    # HF's generate stops at generation_config.json's eos ids (Qwen2.5 instruct: im_end and endoftext).
-    for d in dirs:
-        path = os.path.join(d, GENERATION_CONFIG) if d else ""
-        if path and os.path.isfile(path):
-            with open(path) as f:
-                eos = json.load(f).get("eos_token_id")
-            if eos is not None:
-                return [eos] if isinstance(eos, int) else list(eos)
-    return []
-
-
-def restore_workdir_params(workdir: str, abstract_params: nnx.State) -> tuple[nnx.State, int]:
-    """The latest checkpoint's params only (the optimizer state stays on disk)."""
-    import orbax.checkpoint as ocp
-
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise GenerateError(f"training workdir {workdir} has no checkpoints/ directory yet: train first")
-    checkpointer = Checkpointer(ckpt_dir)
-    try:
-        step = checkpointer.latest_step()
-        if step is None:
-            raise GenerateError(f"{ckpt_dir} holds no finished checkpoint step: train first")
-        target = {"params": abstract_params}
-        restored = checkpointer.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=target,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                    partial_restore=True,
-                )
-            ),
-        )
-    finally:
-        checkpointer.close()
-    return restored["state"]["params"], step
-
-
-def load_policy(checkpoint: str, *, tokenizer_dir: str | None = None, dtype: str = "float32") -> Policy:
+def load_policy(checkpoint: str, *, tokenizer_dir: str | None = None, dtype: str = "float32") -> Runtime:
     """An HF checkpoint directory (config.json + safetensors) or a tspo_jax training workdir
     (policy_config.json + checkpoints/), on the default device."""
-    checkpoint = os.path.expanduser(checkpoint)
-    if not os.path.isdir(checkpoint):
-        raise GenerateError(f"--checkpoint {checkpoint!r} is not a directory")
-    overrides = dict(param_dtype=dtype, dtype=dtype)
-    if os.path.isfile(os.path.join(checkpoint, "config.json")):
-        model = params_lib.load_hf_checkpoint(checkpoint, **overrides)
-        graphdef, params, cfg = nnx.graphdef(model), params_of(model), model.cfg
-        tok_dir, source = tokenizer_dir or checkpoint, "hf"
-    elif os.path.isfile(os.path.join(checkpoint, POLICY_CONFIG)):
-        abstract, saved_tok_dir = abstract_policy(checkpoint, **overrides)
-        graphdef, abstract_params, cfg = nnx.graphdef(abstract), params_of(abstract), abstract.cfg
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract_params = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params
-        )
-        params, step = restore_workdir_params(checkpoint, abstract_params)
-        tok_dir, source = tokenizer_dir or saved_tok_dir, f"workdir@{step}"
-        if not os.path.isdir(tok_dir):
-            raise GenerateError(
-                f"{checkpoint}/{POLICY_CONFIG} names the tokenizer directory {tok_dir}, which does not "
-                "exist: pass --tokenizer=DIR"
-            )
-    else:
-        raise GenerateError(
-            f"--checkpoint {checkpoint!r} is neither an HF checkpoint (no config.json) nor a tspo_jax "
-            f"training workdir (no {POLICY_CONFIG}); point it at one of those"
-        )
-    tokenizer = load_tokenizer(tok_dir)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise GenerateError(
-            f"the tokenizer in {tok_dir} has {tokenizer.vocab_size} tokens but the model embeds only "
-            f"{cfg.vocab_size}: pass the checkpoint's own tokenizer with --tokenizer"
-        )
-    model_eos = [cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else list(cfg.eos_token_id or [])
-    eos = {tokenizer.eos_id, *model_eos, *_generation_eos(checkpoint, tok_dir)}
-    eos_ids = tuple(sorted(e for e in eos if 0 <= e < tokenizer.vocab_size))
-    return Policy(graphdef, params, cfg, tokenizer, eos_ids, source)
+    try:
+        return Runtime.for_inference(checkpoint, tokenizer_dir=tokenizer_dir, dtype=dtype)
+    except FileNotFoundError as e:
+        raise GenerateError(f"--checkpoint: {e}") from None
+    except ValueError as e:
+        if isinstance(e, (params_lib.CheckpointError, TokenizerError)):
+            raise
+        raise GenerateError(f"--checkpoint: {e}") from None
 
 
 # --- generation -------------------------------------------------------------------------------------
@@ -196,16 +115,17 @@ class GenerateOptions:
     top_k: int = 0
     seed: int = 0
     batch_size: int = 8
-    topk: int = 3  # documents per search
+    docs_per_search: int = 3  # documents per search (the --topk flag)
     max_turns: int = 4
     max_obs_length: int = 500
     template: str | None = None  # episode prompt template (contains {question}); None: the default
     chat_template: bool = True  # wrap episode prompts in the tokenizer's chat template
 
     def __post_init__(self):
-        for name in ("max_new_tokens", "batch_size", "topk", "max_obs_length"):
+        for name, flag in (("max_new_tokens", "max_new_tokens"), ("batch_size", "batch_size"),
+                           ("docs_per_search", "topk"), ("max_obs_length", "max_obs_length")):
             if getattr(self, name) < 1:
-                raise GenerateError(f"--{name} must be at least 1, got {getattr(self, name)}")
+                raise GenerateError(f"--{flag} must be at least 1, got {getattr(self, name)}")
         if self.max_turns < 0:
             raise GenerateError(f"--max_turns must be >= 0, got {self.max_turns}")
         try:
@@ -225,7 +145,7 @@ class GenerateOptions:
             max_turns=self.max_turns,
             max_response_length=self.max_new_tokens,
             max_obs_length=self.max_obs_length,
-            topk=self.topk,
+            docs_per_search=self.docs_per_search,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
@@ -235,7 +155,7 @@ class GenerateOptions:
         )
 
 
-def _prompt_ids(policy: Policy, req: Request) -> list[int]:
+def _prompt_ids(policy: Runtime, req: Request) -> list[int]:
     tok = policy.tokenizer
     where = f"line {req.line}"
     if req.kind == "prompt":
@@ -250,7 +170,7 @@ def _prompt_ids(policy: Policy, req: Request) -> list[int]:
     return ids
 
 
-def _text_record(policy: Policy, req: Request, prompt_len: int, result: dict) -> dict:
+def _text_record(policy: Runtime, req: Request, prompt_len: int, result: dict) -> dict:
     ids = result["token_ids"]
     # The EOS token that ended a row is in token_ids but not in the text.
     shown = ids[:-1] if result["stop"] == "eos" else ids
@@ -297,7 +217,7 @@ def _chunks(items: Sequence, size: int):
 
 
 def generate_records(
-    policy: Policy, requests: Sequence[Request], options: GenerateOptions, retriever=None
+    policy: Runtime, requests: Sequence[Request], options: GenerateOptions, retriever=None
 ) -> list[dict]:
     """One output record per request, in request order."""
     texts = [r for r in requests if r.kind != "question"]
@@ -307,7 +227,7 @@ def generate_records(
             f"line {questions[0].line} asks a question (a search episode) but no --retriever was given: "
             "pass an index directory or a retrieval server URL"
         )
-    tok, cfg = policy.tokenizer, policy.cfg
+    tok, cfg = policy.tokenizer, policy.model_cfg
     key = jax.random.key(options.seed)
     records: dict[int, dict] = {}
 
@@ -320,9 +240,7 @@ def generate_records(
                     f"line {r.line}: {len(prompts[r.line])} prompt tokens + --max_new_tokens="
                     f"{options.max_new_tokens} exceed the model's {cfg.max_position_embeddings} positions"
                 )
-        smp = sampling.Sampler(
-            policy.graphdef, cfg, eos_ids=policy.eos_ids, pad_id=tok.pad_id, tokenizer_vocab=tok.vocab_size
-        )
+        smp = policy.text_sampler()
         # Similar lengths share a batch, so little of each batch is padding.
         by_length = sorted(texts, key=lambda r: len(prompts[r.line]))
         for b, chunk in _chunks(by_length, options.batch_size):
@@ -330,21 +248,14 @@ def generate_records(
                 policy.params,
                 [prompts[r.line] for r in chunk],
                 max_new_tokens=options.max_new_tokens,
-                params=options.sampling_params,
+                sampling=options.sampling_params,
                 rng=jax.random.fold_in(key, b),
             )
             for r, res in zip(chunk, results):
                 records[r.line] = _text_record(policy, r, len(prompts[r.line]), res)
 
     if questions:
-        smp = sampling.Sampler(
-            policy.graphdef,
-            cfg,
-            eos_ids=policy.eos_ids,
-            pad_id=tok.pad_id,
-            stop_strings=rollout.STOP_STRINGS,
-            token_bytes=tok.token_bytes,
-        )
+        smp = policy.sampler
         try:
             rollout_cfg = options.rollout_config()
         except ValueError as e:
@@ -352,13 +263,13 @@ def generate_records(
         runner = rollout.EpisodeRunner(smp, tok, retriever, rollout_cfg)
         episode_key = jax.random.fold_in(key, 1 << 20)  # apart from the text batches' keys
         for b, chunk in _chunks(questions, options.batch_size):
-            eps = runner.run(
+            episodes = runner.run(
                 policy.params,
                 [r.value for r in chunk],
                 [str(r.line) for r in chunk],
                 rng=jax.random.fold_in(episode_key, b),
             )
-            for r, ep in zip(chunk, eps):
+            for r, ep in zip(chunk, episodes):
                 records[r.line] = _episode_record(ep)
 
     out = []
@@ -418,8 +329,6 @@ def run(
             options, template=saved["template"], chat_template=saved.get("use_chat_template", True))
     ret = None
     if needs_retriever:
-        from tspo_jax.retrieval import make_retriever
-
         try:
             ret = make_retriever(retriever)
         except ValueError as e:
@@ -455,7 +364,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("seed", d.seed, "sampling seed", flag_values=fv)
     flags.DEFINE_integer("batch_size", d.batch_size, "requests decoded together", flag_values=fv)
     flags.DEFINE_string("retriever", None, "index dir or http(s) URL, for question lines", flag_values=fv)
-    flags.DEFINE_integer("topk", d.topk, "documents per search", flag_values=fv)
+    flags.DEFINE_integer("topk", d.docs_per_search, "documents per search", flag_values=fv)
     flags.DEFINE_integer(
         "max_turns", d.max_turns, "turns that may search (then one final turn)", flag_values=fv
     )
@@ -480,7 +389,7 @@ def run_from_flags(fv: flags.FlagValues) -> list[dict]:
         top_k=fv.top_k,
         seed=fv.seed,
         batch_size=fv.batch_size,
-        topk=fv.topk,
+        docs_per_search=fv.topk,
         max_turns=fv.max_turns,
         max_obs_length=fv.max_obs_length,
         template=fv.template,

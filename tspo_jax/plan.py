@@ -46,10 +46,6 @@ def plan(config, topology: str, min_headroom: float = 0.1, only: tuple[str, ...]
          slots: int = 0) -> dict:
     """Compiles every call of one step for `topology`; returns the JSON-able result. `slots` > 0
     plans the rollout at that many decode rows (what rollout.slots sets; for configs without it)."""
-    if slots:
-        config = config.copy_and_resolve_references()
-        with config.unlocked():
-            config.rollout.slots = slots
     target = hardware.resolve(topology)
     chip = target.chip
     chips = len(target.devices)
@@ -62,7 +58,7 @@ def plan(config, topology: str, min_headroom: float = 0.1, only: tuple[str, ...]
             raise ValueError(f"estimating {topology} needs {chips} CPU devices, {len(cpus)} are visible: set "
                              f"XLA_FLAGS=--xla_force_host_platform_device_count={chips}")
         devices = cpus[:chips]
-    run = abstract.build_abstract(config, devices)
+    run = abstract.build_abstract(config, devices, slots)
     resident = {"params": abstract.per_device_bytes(run.params),
                 "opt_state": abstract.per_device_bytes(run.opt_state),
                 "ref_params": abstract.per_device_bytes(run.ref_params) if run.ref_params is not None else 0}
@@ -94,7 +90,7 @@ def plan(config, topology: str, min_headroom: float = 0.1, only: tuple[str, ...]
     return {
         "config": dict(mesh=list(config.mesh.shape), prompts_per_step=config.prompts_per_step,
                        group_size=config.group_size, mini_batch=config.mini_batch, micro_batch=config.micro_batch,
-                       logprob_micro_batch=config.get("logprob_micro_batch"), slots=config.rollout.get("slots", 0),
+                       logprob_micro_batch=config.get("logprob_micro_batch"), slots=slots or config.rollout.get("slots", 0),
                        logprob_chunk=config.loss.logprob_chunk, remat=config.model.remat,
                        max_context_length=config.rollout.max_context_length, total_steps=config.total_steps),
         "model": dict(num_params=model.num_params(), num_layers=model.num_layers, hidden_size=model.hidden_size,

@@ -33,6 +33,9 @@ import numpy as np
 FOLR_SCOPES = ("information", "all")
 FOLR_MATCH_MODES = ("substring", "word")
 
+# K, turn slots, when the caller does not give the rollout's: Search-R1 runs max_turns = 4 search
+# turns, then one last generation with search disabled, so at most 5 policy turns.
+DEFAULT_NUM_TURNS = 5
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _INFORMATION_RE = re.compile(r"<information>(.*?)</information>", re.DOTALL)
 _TAG_RE = re.compile(r"</?(?:think|search|information|answer)>")
@@ -45,9 +48,6 @@ _DELETE_PUNCTUATION = str.maketrans("", "", string.punctuation)
 def default_config() -> ml_collections.ConfigDict:
     """Reward knobs. Defaults give Search-R1's plain EM reward plus FOLR as defined in TSPO.md."""
     cfg = ml_collections.ConfigDict()
-    # K, the static number of turn slots in turn_returns: Search-R1 runs max_turns = 4 search
-    # turns, then one last generation with search disabled, so at most 5 policy turns.
-    cfg.num_turns = 5
     cfg.em_score = 1.0  # Search-R1's `score`: reward of a correct, well-formatted answer
     # Search-R1 v0.3 format terms; all 0 (the default) reduces the reward to EM * em_score.
     cfg.structure_format_score = 0.0
@@ -79,8 +79,6 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             f"rewards.folr.min_answer_chars={folr.min_answer_chars} must be >= 1: an empty "
             "alias is a substring of every text."
         )
-    if int(cfg.num_turns) < 1:
-        raise ValueError(f"rewards.num_turns={cfg.num_turns} must be >= 1.")
 
 
 @dataclasses.dataclass
@@ -129,7 +127,6 @@ class RewardBatch:
     turn_returns: np.ndarray  # [B, K] float32, G_k (0 on invalid slots)
     turn_valid: np.ndarray  # [B, K] bool, k < number of turns of the episode
     first_occurrence: np.ndarray  # [B] int32, 0-based k*, -1 if none (or FOLR disabled)
-    answers: list[str | None]  # extracted final answers, for logging
 
 
 # ----------------------------------------------------------------------------- answers, EM
@@ -332,11 +329,12 @@ def stage_returns(
 
 
 def compute_rewards(
-    episodes: Sequence[EpisodeText], cfg: ml_collections.ConfigDict, num_turns: int | None = None
+    episodes: Sequence[EpisodeText], cfg: ml_collections.ConfigDict, num_turns: int = DEFAULT_NUM_TURNS
 ) -> RewardBatch:
-    """Rewards for a batch of episodes; num_turns (K) overrides cfg.num_turns."""
+    """Rewards for a batch of episodes; num_turns (K) is the rollout's turn limit (its
+    RolloutConfig.num_turns), the static width of turn_returns."""
     validate_config(cfg)
-    num_slots = int(cfg.num_turns if num_turns is None else num_turns)
+    num_slots = int(num_turns)
     if num_slots < 1:
         raise ValueError(f"num_turns={num_slots} must be >= 1.")
     folr = cfg.folr
@@ -349,7 +347,6 @@ def compute_rewards(
     turn_returns = np.zeros((n, num_slots), np.float32)
     turn_valid = np.zeros((n, num_slots), bool)
     k_star = np.full(n, -1, np.int32)
-    answers: list[str | None] = []
 
     for i, ep in enumerate(episodes):
         if not isinstance(ep, EpisodeText):
@@ -360,10 +357,9 @@ def compute_rewards(
         if turns > num_slots:
             raise ValueError(
                 f"episode {i} has {turns} turns but num_turns (K) is {num_slots}; raise "
-                "rewards.num_turns or pass num_turns= to at least the rollout's turn limit."
+                "num_turns= to at least the rollout's turn limit (RolloutConfig.num_turns)."
             )
         answer = extract_answer(ep.response_text)
-        answers.append(answer)
         em[i] = exact_match(answer, ep.golds)
         gold_norms = [normalize_answer(g) for g in ep.golds]
         outcome[i] = outcome_score(em[i], answer, ep.response_text, gold_norms, cfg)
@@ -385,5 +381,4 @@ def compute_rewards(
         turn_returns=turn_returns,
         turn_valid=turn_valid,
         first_occurrence=k_star,
-        answers=answers,
     )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import time
 from typing import Sequence
 
@@ -23,7 +22,8 @@ import jax
 import numpy as np
 
 from tspo_jax import sampling
-from tspo_jax.retrieval.base import Doc, Retriever, RetrieverError, format_docs
+from tspo_jax.rewards import extract_answer
+from tspo_jax.retrieval.base import OBSERVATION_HEAD, OBSERVATION_TAIL, Doc, Retriever, RetrieverError, format_docs
 from tspo_jax.sharding import to_host
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class RolloutConfig:
     max_obs_length: int = 500  # tokens per observation (the docs are truncated, tags kept)
     max_prompt_length: int = 512
     max_context_length: int | None = None  # default: enough for every turn at full length
-    topk: int = 3
+    docs_per_search: int = 3  # documents each search returns (Search-R1's top-k)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -74,7 +74,7 @@ class RolloutConfig:
             )
         if "{question}" not in self.template:
             raise ValueError("the prompt template must contain the placeholder {question}")
-        for name in ("max_turns", "max_response_length", "max_obs_length", "max_prompt_length", "topk"):
+        for name in ("max_turns", "max_response_length", "max_obs_length", "max_prompt_length", "docs_per_search"):
             if getattr(self, name) < (0 if name == "max_turns" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -84,10 +84,15 @@ class RolloutConfig:
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, greedy=self.greedy
         )
 
+    @property
+    def num_turns(self) -> int:
+        """Policy turns an episode may take: max_turns that may search, then one last turn."""
+        return self.max_turns + 1
+
     def context_length(self, prompt_len: int) -> int:
         if self.max_context_length:
             return self.max_context_length
-        turns = self.max_turns + 1
+        turns = self.num_turns
         obs_width = sampling.bucket(max(self.max_obs_length, len(INVALID_ACTION_MESSAGE)), 16)
         return prompt_len + turns * self.max_response_length + self.max_turns * obs_width
 
@@ -164,19 +169,13 @@ def parse_action(text: str) -> tuple[str, str | None]:
     return "invalid", None
 
 
-def extract_answer(response_text: str) -> str | None:
-    """The content of the last complete <answer>...</answer> in the response."""
-    matches = re.findall(r"<answer>(.*?)</answer>", response_text, flags=re.DOTALL)
-    return matches[-1].strip() if matches else None
-
-
 def observation_ids(tokenizer, docs_text: str, max_obs_length: int) -> list[int]:
     """Search-R1's observation `\\n\\n<information>{docs.strip()}</information>\\n\\n` as token ids.
 
     The tags are tokenized apart from the docs so that truncating to `max_obs_length` cuts the
     docs, never the closing tag (Search-R1 cuts the whole string; keeping the tag is our choice)."""
-    head = tokenizer.encode("\n\n<information>")
-    tail = tokenizer.encode("</information>\n\n")
+    head = tokenizer.encode(OBSERVATION_HEAD)
+    tail = tokenizer.encode(OBSERVATION_TAIL)
     body = tokenizer.encode(docs_text.strip())
     room = max(max_obs_length - len(head) - len(tail), 0)
     return head + body[:room] + tail
@@ -204,7 +203,7 @@ class EpisodeRunner:
             raise RetrieverError("the policy searched but no retriever was given: pass --retriever")
         t0 = time.perf_counter()
         try:
-            results = self.retriever.search(queries, self.cfg.topk)
+            results = self.retriever.search(queries, self.cfg.docs_per_search)
         except RetrieverError as e:
             if self.cfg.on_retriever_error == "raise":
                 raise
@@ -219,7 +218,7 @@ class EpisodeRunner:
     # --- the episode loop ----------------------------------------------------------------------
     def run(
         self,
-        state,
+        params,
         questions: Sequence[str],
         uids: Sequence[str] | None = None,
         *,
@@ -233,7 +232,7 @@ class EpisodeRunner:
         uids = list(uids) if uids is not None else [str(i) for i in range(len(questions))]
         rows = len(questions) * n
         prompts = [build_prompt(tok, q, cfg) for q in questions for _ in range(n)]
-        eps = [
+        episodes = [
             Episode(
                 uid=uids[i // n],
                 prompt_len=len(p),
@@ -256,22 +255,22 @@ class EpisodeRunner:
         alive[:rows] = True
 
         t0 = time.perf_counter()
-        gen = smp.prefill(state, *sampling.left_pad(prompts, width, smp.pad_id, num_rows=b), max_len=max_len)
-        for turn in range(cfg.max_turns + 1):
+        gen = smp.prefill(params, *sampling.left_pad(prompts, width, smp.pad_id, num_rows=b), max_len=max_len)
+        for turn in range(cfg.num_turns):
             if not alive.any():
                 break
             search_allowed = turn < cfg.max_turns
             if cfg.resume == "reprefill" and turn > 0:
-                gen = self._reprefill(state, eps, b, max_len)
+                gen = self._reprefill(params, episodes, b, max_len)
             rng, key = jax.random.split(rng)
             gen, out = smp.decode(
-                state, gen, key, max_new=cfg.max_response_length, params=cfg.sampling_params, active=alive
+                params, gen, key, max_new=cfg.max_response_length, sampling=cfg.sampling_params, active=alive
             )
             out = to_host(out)  # every process needs every row: host-side work is replicated
             appends: dict[int, list[int]] = {}
             searches: list[tuple[int, str]] = []
             for i in np.flatnonzero(alive):
-                ep = eps[i]
+                ep = episodes[i]
                 k = int(out.num_tokens[i])
                 ids = out.tokens[i, :k].tolist()
                 start = len(ep.tokens)
@@ -307,7 +306,7 @@ class EpisodeRunner:
             if searches:
                 results = self._retrieve([q for _, q in searches])
                 for j, (i, _) in enumerate(searches):
-                    turn_rec = eps[i].turns[-1]
+                    turn_rec = episodes[i].turns[-1]
                     if isinstance(results, str):
                         obs_ids = self._observation_ids(results)
                     else:
@@ -322,11 +321,11 @@ class EpisodeRunner:
             width = sampling.bucket(max(len(v) for v in appends.values()), 16)
             if width + 1 > room:
                 for i in appends:
-                    eps[i].stop_reason, alive[i] = "context", False
-                    eps[i].turns[-1].observation = None
+                    episodes[i].stop_reason, alive[i] = "context", False
+                    episodes[i].turns[-1].observation = None
                 continue
             for i, ids in appends.items():
-                ep = eps[i]
+                ep = episodes[i]
                 start = len(ep.tokens)
                 ep.tokens += ids
                 ep.loss_mask += [0] * len(ids)
@@ -335,17 +334,17 @@ class EpisodeRunner:
                 ep.turns[-1].obs_span = (start, start + len(ids))
             if cfg.resume == "cache":
                 seqs = [appends.get(i, []) for i in range(b)]
-                gen = smp.append(state, gen, *sampling.right_pad(seqs, width, smp.pad_id))
-        for ep in eps:
+                gen = smp.append(params, gen, *sampling.right_pad(seqs, width, smp.pad_id))
+        for ep in episodes:
             if ep.answer is None:
                 ep.answer = extract_answer("".join(t.text for t in ep.turns))
         self.timing["total"] = time.perf_counter() - t0
-        return eps
+        return episodes
 
-    def _reprefill(self, state, eps: list[Episode], b: int, max_len: int):
+    def _reprefill(self, params, episodes: list[Episode], b: int, max_len: int):
         """The naive method: the whole context so far, prefilled from scratch."""
-        seqs = [ep.tokens for ep in eps]
+        seqs = [ep.tokens for ep in episodes]
         width = sampling.bucket(max(len(s) for s in seqs), 16)
         return self.sampler.prefill(
-            state, *sampling.left_pad(seqs, width, self.sampler.pad_id, num_rows=b), max_len=max_len
+            params, *sampling.left_pad(seqs, width, self.sampler.pad_id, num_rows=b), max_len=max_len
         )

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tspo_jax.model.qwen2 import KVCache, Qwen2, Qwen2Config, apply
-from tspo_jax.sharding import to_host
+from tspo_jax.model.qwen2 import KVCache, Qwen2Config, apply
+from tspo_jax.sharding import batch_devices, to_host
 from tspo_jax.stop_strings import StopTable, build_stop_table
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,6 @@ def bucket(n: int, minimum: int = 8) -> int:
     while b < n:
         b *= 2
     return b
-
-
-def _batch_devices(mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def _attend_len(needed: int, max_len: int) -> int:
@@ -153,7 +149,7 @@ class Sampler:
         self.mesh = mesh
         # Row counts are bucketed to powers of two from here (1, 2, 4, ... alone; a multiple of the
         # batch devices on a mesh), so a single request decodes one row, not a padded eight.
-        self.row_multiple = 1 if mesh is None else _batch_devices(mesh)
+        self.row_multiple = 1 if mesh is None else batch_devices(mesh)
         # Embedding rows past the tokenizer's vocabulary (Qwen2.5 pads 151,665 to 151,936) are
         # never sampled.
         self.tokenizer_vocab = cfg.vocab_size if tokenizer_vocab is None else int(tokenizer_vocab)
@@ -170,18 +166,14 @@ class Sampler:
             static_argnames=("max_new", "greedy", "top_k", "use_top_p", "attend_len"),
         )
 
-    @classmethod
-    def for_model(cls, model: Qwen2, **kw) -> "Sampler":
-        return cls(nnx.graphdef(model), model.cfg, **kw)
-
     # --- compiled bodies ----------------------------------------------------------------------------
-    def _forward(self, state, tokens, valid, cache, attend_len=None):
-        return apply(self.graphdef, state, tokens, valid=valid, cache=cache, attend_len=attend_len)
+    def _forward(self, params, tokens, valid, cache, attend_len=None):
+        return apply(self.graphdef, params, tokens, valid=valid, cache=cache, attend_len=attend_len)
 
-    def _prefill_impl(self, state, tokens, valid, max_len):
+    def _prefill_impl(self, params, tokens, valid, max_len):
         self.compile_counts["prefill"] += 1
         cache = self._constrain(KVCache.init(self.cfg, tokens.shape[0], max_len))
-        logits, cache = self._forward(state, tokens, valid, cache, attend_len=0)
+        logits, cache = self._forward(params, tokens, valid, cache, attend_len=0)
         cache = self._constrain(cache)
         next_logits = _last_valid_logits(logits, valid, jnp.zeros(logits.shape[::2], jnp.float32))
         return GenState(cache, next_logits)
@@ -205,14 +197,14 @@ class Sampler:
             next_pos=c(cache.next_pos, rows),
         )
 
-    def _append_impl(self, state, gen, tokens, valid, attend_len):
+    def _append_impl(self, params, gen, tokens, valid, attend_len):
         self.compile_counts["append"] += 1
-        logits, cache = self._forward(state, tokens, valid, gen.cache, attend_len)
+        logits, cache = self._forward(params, tokens, valid, gen.cache, attend_len)
         return GenState(cache, _last_valid_logits(logits, valid, gen.next_logits))
 
     def _decode_impl(
         self,
-        state,
+        params,
         gen,
         rng,
         active,
@@ -272,7 +264,7 @@ class Sampler:
             reason = jnp.where(live, new_reason, reason)
             which = jnp.where(hit_string, completes, which)
             valid = live[:, None]
-            logits, cache = self._forward(state, tok[:, None], valid, gen.cache, attend_len)
+            logits, cache = self._forward(params, tok[:, None], valid, gen.cache, attend_len)
             gen = GenState(cache, _last_valid_logits(logits, valid, gen.next_logits))
             done = done | (new_reason != RUNNING)
             return step + 1, gen, rng, done, reason, which, matcher, count, toks, lps
@@ -297,43 +289,43 @@ class Sampler:
         return gen, DecodeOut(toks, lps, count, reason, which)
 
     # --- public API -------------------------------------------------------------------------------
-    def prefill(self, state, tokens, valid, max_len: int) -> GenState:
-        return self._prefill(state, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), max_len=max_len)
+    def prefill(self, params, tokens, valid, max_len: int) -> GenState:
+        return self._prefill(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), max_len=max_len)
 
-    def append(self, state, gen: GenState, tokens, valid) -> GenState:
+    def append(self, params, gen: GenState, tokens, valid) -> GenState:
         attend = _attend_len(int(gen.cache.index) + np.shape(tokens)[1], gen.cache.max_len)
         return self._append(
-            state, gen, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), attend_len=attend
+            params, gen, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), attend_len=attend
         )
 
     def decode(
-        self, state, gen: GenState, rng, *, max_new: int, params: SamplingParams, active=None, budget=None
+        self, params, gen: GenState, rng, *, max_new: int, sampling: SamplingParams, active=None, budget=None
     ) -> tuple[GenState, DecodeOut]:
         b = gen.next_logits.shape[0]
         active = np.ones((b,), bool) if active is None else np.asarray(active, bool)
         budget = np.full((b,), max_new, np.int32) if budget is None else np.minimum(budget, max_new)
         return self._decode(
-            state,
+            params,
             gen,
             rng,
             jnp.asarray(active),
             jnp.asarray(budget, jnp.int32),
-            jnp.float32(params.temperature),
-            jnp.float32(params.top_p),
+            jnp.float32(sampling.temperature),
+            jnp.float32(sampling.top_p),
             max_new=max_new,
-            greedy=params.greedy,
-            top_k=params.top_k,
-            use_top_p=params.top_p < 1.0,
+            greedy=sampling.greedy,
+            top_k=sampling.top_k,
+            use_top_p=sampling.top_p < 1.0,
             attend_len=_attend_len(int(gen.cache.index) + max_new, gen.cache.max_len),
         )
 
     def generate(
         self,
-        state,
+        params,
         prompts: Sequence[Sequence[int]],
         *,
         max_new_tokens: int,
-        params: SamplingParams = SamplingParams(),
+        sampling: SamplingParams = SamplingParams(),
         rng=None,
         seed: int = 0,
     ) -> list[dict]:
@@ -350,10 +342,10 @@ class Sampler:
         t = bucket(max(len(p) for p in prompts), 16)
         tokens, valid = left_pad(prompts, t, self.pad_id, num_rows=b)
         max_len = bucket(t + max_new_tokens, 64)
-        gen = self.prefill(state, tokens, valid, max_len)
+        gen = self.prefill(params, tokens, valid, max_len)
         active = np.arange(b) < n
         rng = jax.random.key(seed) if rng is None else rng
-        gen, out = self.decode(state, gen, rng, max_new=max_new_tokens, params=params, active=active)
+        gen, out = self.decode(params, gen, rng, max_new=max_new_tokens, sampling=sampling, active=active)
         out = to_host(out)
         results = []
         for i in range(n):

@@ -39,9 +39,8 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 log = logging.getLogger(__name__)
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh. One entry may be -1: it takes the remaining devices."""
-    devices = list(devices if devices is not None else jax.devices())
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
+    """The (data, fsdp, tensor) shape with its -1 entry (if any) filled from `num_devices`."""
     shape = list(shape)
     if len(shape) != 3:
         raise ValueError(f"mesh shape must have 3 entries (data, fsdp, tensor), got {shape}")
@@ -49,14 +48,28 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
         raise ValueError(f"at most one mesh axis may be -1, got {shape}")
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot fill mesh {shape}")
-        shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
+        if num_devices % known:
+            raise ValueError(f"{num_devices} devices cannot fill mesh {shape}")
+        shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices:
         raise ValueError(
-            f"mesh {tuple(shape)} needs {math.prod(shape)} devices but {len(devices)} are available; "
-            "change mesh_shape (one entry may be -1)"
+            f"mesh {tuple(shape)} needs {math.prod(shape)} devices but {num_devices} are visible; "
+            "change the mesh shape (one entry may be -1)"
         )
+    return tuple(shape)
+
+
+def batch_devices(mesh_or_shape) -> int:
+    """Devices a batch is split over: data x fsdp."""
+    if isinstance(mesh_or_shape, Mesh):
+        return mesh_or_shape.shape["data"] * mesh_or_shape.shape["fsdp"]
+    return mesh_or_shape[0] * mesh_or_shape[1]
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh. One entry may be -1: it takes the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = resolve_mesh_shape(shape, len(devices))
     if devices == list(jax.devices()):
         return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)

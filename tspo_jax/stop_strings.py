@@ -27,10 +27,6 @@ class StopTable:
     next_state: np.ndarray  # [num_states, vocab] int32
     completes: np.ndarray  # [num_states, vocab] int32: index of the stop string completed, or -1
 
-    @property
-    def num_states(self) -> int:
-        return self.next_state.shape[0]
-
 
 def _automaton(patterns: Sequence[bytes]):
     """Aho-Corasick goto/fail closure as a dense [states, 256] DFA plus the pattern each state ends."""

@@ -21,22 +21,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
-from absl import logging as absl_logging
-from flax import nnx
+from absl import app
 from jax.sharding import NamedSharding, PartitionSpec as P
-from ml_collections import config_flags
 from tqdm import tqdm
 
 from tspo_jax import advantages as adv_lib
-from tspo_jax import checkpointing, data, evaluate as evaluation, rewards, rollout, sampling
+from tspo_jax import data, evaluation, rewards, rollout, run_flags
 from tspo_jax import sharding as shd
 from tspo_jax import update as update_lib
 from tspo_jax import warmstart, xla_flags
-from tspo_jax.config_checks import validate_config
 from tspo_jax.metrics import MetricsWriter, plot_training, read_metrics
-from tspo_jax.policy import build_policy, params_of, save_policy_config, save_run_config
-from tspo_jax.retrieval import make_retriever
+from tspo_jax.runtime import Runtime
 
 log = logging.getLogger("tspo_jax.train")  # not __name__: it is __main__ under python -m
 
@@ -52,84 +47,44 @@ def episode_texts(episodes, examples_by_row) -> list[rewards.EpisodeText]:
 
 
 class Trainer:
+    """The training loop over a Runtime (which holds everything the loop uses)."""
+
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        shd.maybe_initialize_distributed()  # first: anything that asks JAX for devices fixes them
-        validate_config(config)
+        self.rt = Runtime.build(config, workdir)
         self.config = config
-        self.workdir = os.path.abspath(workdir)
-        os.makedirs(self.workdir, exist_ok=True)
-        self.mesh = shd.make_mesh(tuple(config.mesh.shape))
+        self.workdir = self.rt.workdir
         self.is_main = jax.process_index() == 0
-
-        model, self.tokenizer = build_policy(config.model, self.mesh)
-        self.model_cfg = model.cfg
-        self.graphdef = nnx.graphdef(model)
-        self.params = params_of(model)
-        tokenizer_dir = config.model.tokenizer or config.model.checkpoint
-        save_policy_config(self.workdir, model, tokenizer_dir)
-        save_run_config(self.workdir, config)  # prompt template, rewards, ...: as verl keeps it
-
-        self.retriever = make_retriever(warmstart.ensure_index(config.retriever, self.workdir),
-                                        timeout_s=config.retriever.timeout_s, retries=config.retriever.retries)
-        self.rollout_cfg = rollout.RolloutConfig(**config.rollout.to_dict())
-        self.sampler = sampling.Sampler(
-            self.graphdef, self.model_cfg, eos_ids=[self.tokenizer.eos_id], pad_id=self.tokenizer.pad_id,
-            stop_strings=rollout.STOP_STRINGS, token_bytes=self.tokenizer.token_bytes,
-            mesh=self.mesh)
-        self.runner = rollout.EpisodeRunner(self.sampler, self.tokenizer, self.retriever, self.rollout_cfg)
-
-        self.tx, self.schedule = update_lib.make_optimizer(config.optim, config.total_steps)
-        self.updater = update_lib.PolicyUpdater(
-            self.graphdef, self.model_cfg, config.loss, self.tx, self.mesh,
-            temperature=1.0 if config.rollout.greedy else config.rollout.temperature,
-            micro_batch=config.micro_batch, tokenizer_vocab=self.sampler.tokenizer_vocab,
-            logprob_micro_batch=config.get("logprob_micro_batch"))
-
-        self.train_examples = data.load_qa(config.data.train)
-        self.test_examples = data.load_qa(config.data.test) if config.data.test else []
-        self.checkpointer = checkpointing.Checkpointer(
-            os.path.join(self.workdir, "checkpoints"), keep=config.keep_checkpoints,
-            save_every=config.checkpoint_every)
+        self.params = self.rt.params
         self.metrics = MetricsWriter(self.workdir, enabled=self.is_main)
         self._stop_requested = False
 
     # --- state ----------------------------------------------------------------------------------
-    def _state(self, step: int):
-        # The step replicated on the mesh: Orbax cannot save a process-local array multi-host.
-        step = shd.put_global(np.int32(step), NamedSharding(self.mesh, P()))
+    def train_state(self, step: int) -> dict:
+        """What a checkpoint holds. The step is replicated on the mesh: Orbax cannot save a
+        process-local array multi-host."""
+        step = shd.put_global(np.int32(step), NamedSharding(self.rt.mesh, P()))
         return {"params": self.params, "opt_state": self.opt_state, "step": step}
 
-    def _init_or_restore(self) -> int:
+    def init_or_restore(self) -> int:
         """Warm start (if configured), the frozen reference, then the latest checkpoint if any."""
-        self.params = warmstart.maybe_warm_start(self, self.config.warmstart)
+        rt = self.rt
+        self.params = warmstart.maybe_warm_start(rt, self.config.warmstart)
         # The reference policy is the initial policy: rebuilt the same way on every (re)start.
         self.ref_params = jax.tree.map(jnp.copy, self.params) if self.config.loss.kl_coef else None
-        self.opt_state = self._on_mesh(self.tx.init(self.params))
-        self.stream = data.PromptStream(self.train_examples, self.config.prompts_per_step, self.config.seed)
-        latest = self.checkpointer.latest_step()
+        self.opt_state = rt.init_opt_state(self.params)
+        self.stream = data.PromptStream(rt.train_examples, self.config.prompts_per_step, self.config.seed)
+        latest = rt.checkpointer.latest_step()
         if latest is None:
             return 0
-        state, meta = self.checkpointer.restore(checkpointing.abstract_like(self._state(0)))
-        self.params, self.opt_state = state["params"], state["opt_state"]
-        self.stream = data.PromptStream.from_state(self.train_examples, meta["data"])
+        self.params, self.opt_state, meta = rt.restore(latest)
+        self.stream = data.PromptStream.from_state(rt.train_examples, meta["data"])
         self.metrics.truncate_after(latest)
-        log.info("resumed from step %d in %s", latest, self.checkpointer.directory)
+        log.info("resumed from step %d in %s", latest, rt.checkpointer.directory)
         return latest
 
-    def _on_mesh(self, tree):
-        """Leaves not already laid out on the mesh (e.g. Adam's step count) become replicated on it,
-        so a restored checkpoint has the same shardings as a fresh start."""
-        replicated = NamedSharding(self.mesh, P())
-
-        def place(x):
-            if isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == self.mesh:
-                return x
-            return shd.put_global(x, replicated)
-
-        return jax.tree.map(place, tree)
-
     def _save(self, step: int, force: bool = False):
-        self.checkpointer.save(step, self._state(step), {"data": self.stream.state(), "step": step}, force=force)
+        self.rt.checkpointer.save(step, self.train_state(step), {"data": self.stream.state(), "step": step},
+                                  force=force)
 
     # --- one step --------------------------------------------------------------------------------
     def step(self, step: int) -> dict:
@@ -142,13 +97,13 @@ class Trainer:
 
         t0 = time.perf_counter()
         rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        episodes = self.runner.run(self.params_for_sampling(), [ex.question for ex in batch],
+        episodes = self.rt.runner.run(self.params_for_sampling(), [ex.question for ex in batch],
                                    [ex.uid for ex in batch], n=n, rng=rng)
         timing["timing_s/gen"] = time.perf_counter() - t0
-        timing["timing_s/retrieval"] = self.runner.timing.get("retrieval", 0.0)
+        timing["timing_s/retrieval"] = self.rt.runner.timing.get("retrieval", 0.0)
 
         t0 = time.perf_counter()
-        rb = rewards.compute_rewards(episode_texts(episodes, rows), cfg.reward, num_turns=cfg.rollout.max_turns + 1)
+        rb = rewards.compute_rewards(episode_texts(episodes, rows), cfg.reward, num_turns=self.rt.rollout_cfg.num_turns)
         timing["timing_s/reward"] = time.perf_counter() - t0
 
         num_rows = len(episodes)  # validate_config: a multiple of the mini-batch, which divides the mesh
@@ -157,11 +112,11 @@ class Trainer:
         group_ids = np.asarray([e.group for e in episodes], np.int32)
 
         t0 = time.perf_counter()
-        dev = self.updater.shard(packed)
+        dev = self.rt.updater.shard(packed)
         if self.ref_params is not None:
-            packed["ref_logp"] = shd.to_host(self.updater.logprobs(self.ref_params, dev))
+            packed["ref_logp"] = shd.to_host(self.rt.updater.logprobs(self.ref_params, dev))
         if cfg.recompute_old_logprobs:
-            packed["old_logp"] = shd.to_host(self.updater.logprobs(self.params, dev))
+            packed["old_logp"] = shd.to_host(self.rt.updater.logprobs(self.params, dev))
         timing["timing_s/ref"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -179,8 +134,8 @@ class Trainer:
             perm = order_rng.permutation(num_rows)
             for s in range(0, num_rows, cfg.mini_batch):
                 idx = perm[s : s + cfg.mini_batch]
-                mb = self.updater.shard({k: packed[k][idx] for k in keys})
-                self.params, self.opt_state, m = self.updater.update(self.params, self.opt_state, mb)
+                mb = self.rt.updater.shard({k: packed[k][idx] for k in keys})
+                self.params, self.opt_state, m = self.rt.updater.update(self.params, self.opt_state, mb)
                 update_metrics.append(m)
         jax.block_until_ready(self.params)
         timing["timing_s/update_actor"] = time.perf_counter() - t0
@@ -199,10 +154,10 @@ class Trainer:
             "env/turns/mean": float(np.mean([e.num_turns for e in episodes])),
             "env/searches/mean": float(np.mean([sum(t.action == "search" for t in e.turns) for e in episodes])),
             "env/answered_frac": float(np.mean([e.stop_reason == "answer" for e in episodes])),
-            "actor/lr": float(self.schedule(step)),
+            "actor/lr": float(self.rt.schedule(step)),
             "perf/total_num_tokens": n_tokens,
             "perf/throughput": n_tokens / timing["timing_s/step"] / jax.device_count(),
-            "perf/compiles": sum(self.sampler.compile_counts.values()),
+            "perf/compiles": sum(self.rt.sampler.compile_counts.values()),
         })
         for src, v in adv_lib.reward_by_source(rb.outcome, [ex.data_source for ex in rows]).items():
             metrics[f"critic/score/{src}"] = v
@@ -214,9 +169,10 @@ class Trainer:
 
     # --- evaluation -------------------------------------------------------------------------------
     def evaluate(self, step: int, examples=None) -> dict:
-        examples = examples if examples is not None else self.test_examples[: self.config.eval.max_examples]
-        cfg = dataclasses.replace(self.rollout_cfg, greedy=True)
-        runner = rollout.EpisodeRunner(self.sampler, self.tokenizer, self.retriever, cfg)
+        rt = self.rt
+        examples = examples if examples is not None else rt.test_examples[: self.config.eval.max_examples]
+        cfg = dataclasses.replace(rt.rollout_cfg, greedy=True)
+        runner = rollout.EpisodeRunner(rt.sampler, rt.tokenizer, rt.retriever, cfg)
         result = evaluation.evaluate_examples(runner, self.params_for_sampling(), examples,
                                               batch_size=self.config.eval.batch_size)
         if self.is_main:
@@ -230,18 +186,18 @@ class Trainer:
 
     def train(self) -> dict:
         cfg = self.config
-        start = self._init_or_restore()
+        start = self.init_or_restore()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         last = {}
         try:
-            if start == 0 and cfg.eval.every and self.test_examples:
+            if start == 0 and cfg.eval.every and self.rt.test_examples:
                 last.update(_prefix(self.evaluate(0)["metrics"], "val/"))
                 self.metrics.write(0, last)
             bar = tqdm(range(start + 1, cfg.total_steps + 1), initial=start, total=cfg.total_steps,
                        desc="tspo", disable=not self.is_main or not cfg.progress_bar)
             for step in bar:
                 metrics = self.step(step)
-                if cfg.eval.every and self.test_examples and (step % cfg.eval.every == 0 or step == cfg.total_steps):
+                if cfg.eval.every and self.rt.test_examples and (step % cfg.eval.every == 0 or step == cfg.total_steps):
                     metrics.update(_prefix(self.evaluate(step)["metrics"], "val/"))
                 last = self.metrics.write(step, metrics)
                 bar.set_postfix(reward=f"{metrics['critic/score/mean']:.3f}",
@@ -258,9 +214,8 @@ class Trainer:
         return last
 
     def close(self):
-        self.checkpointer.close()
+        self.rt.close()
         self.metrics.close()
-        self.retriever.close()
 
 
 def _prefix(d: dict, prefix: str) -> dict:
@@ -268,20 +223,13 @@ def _prefix(d: dict, prefix: str) -> dict:
 
 
 # --- command line -----------------------------------------------------------------------------------
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/NAME.py)",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and plots")
-
-
 def main(argv):
     del argv
     xla_flags.use_memory_scheduler_on_cpu()  # before the Trainer asks JAX for devices
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
-    logging.getLogger("tspo_jax").setLevel(logging.INFO)  # our own progress (warm start, resume, saves)
-    if _CONFIG.value is None or not _WORKDIR.value:
+    run_flags.setup_logging()
+    if run_flags.CONFIG.value is None or not run_flags.WORKDIR.value:
         raise app.UsageError("pass --config=configs/NAME.py and --workdir=DIR")
-    trainer = Trainer(_CONFIG.value, _WORKDIR.value)
+    trainer = Trainer(run_flags.CONFIG.value, run_flags.WORKDIR.value)
     try:
         last = trainer.train()
     finally:

@@ -23,7 +23,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tspo_jax import losses
 from tspo_jax import sharding as shd
-from tspo_jax.model.qwen2 import Qwen2Config
 
 # Packed widths are multiples of this many tokens: few compiled update shapes (9 up to Search-R1's
 # 4,608-token context), at most PACK_BLOCK - 1 padding columns. Powers of two would pad a
@@ -64,8 +63,20 @@ def pack_episodes(episodes: Sequence, width: int | None = None, rows: int | None
     return out
 
 
+SCHEDULES = ("constant", "cosine")
+
+
+def validate_optim(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the bad optim knob."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule={cfg.schedule!r}: choose constant or cosine")
+    if not cfg.lr > 0:
+        raise ValueError(f"optim.lr={cfg.lr} must be > 0")
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with warm-up then constant or cosine, after clipping by global norm."""
+    validate_optim(cfg)
     warmup = int(round(cfg.warmup_ratio * total_steps)) if cfg.get("warmup_steps") is None else cfg.warmup_steps
     if cfg.schedule == "constant":
         schedule = optax.join_schedules(
@@ -73,8 +84,6 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[op
         )
     elif cfg.schedule == "cosine":
         schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warmup, 1), max(total_steps, warmup + 1))
-    else:
-        raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
@@ -90,7 +99,6 @@ def _shift(x):
 @dataclasses.dataclass
 class PolicyUpdater:
     graphdef: nnx.GraphDef
-    model_cfg: Qwen2Config
     loss_cfg: ml_collections.ConfigDict
     tx: optax.GradientTransformation
     mesh: Mesh

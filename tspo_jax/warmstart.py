@@ -1,125 +1,124 @@
-"""Before RL: the retrieval index the run needs, and an optional supervised warm start.
+"""An optional supervised warm start before RL.
 
 The warm start trains the policy on demonstration episodes (scripted Search-R1-style episodes
 whose observations come from the real retriever), so that a small policy trained from scratch
 can produce the tags before RL starts. Observation tokens are masked out of the loss, exactly
 as in RL, and are tokenized by the same function the rollout uses.
+
+The demonstrations come from the function `warmstart.demonstrations` names ("module:function"),
+so the trainer knows no task: it is called as fn(example, search_fn) with search_fn(query) ->
+[(title, text), ...] and returns [(role, text), ...] segments, role "policy" (trained on) or
+"observation" (the environment's `<information>` block, masked); it raises LookupError when the
+retriever missed a passage the demonstration needs (the example is skipped).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import logging
 import os
 import time
 
-import jax
 import ml_collections
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
-from tspo_jax import rollout
+from tspo_jax import checkpointing, rollout
 from tspo_jax import update as update_lib
-from tspo_jax.checkpointing import abstract_like
+from tspo_jax.retrieval import OBSERVATION_HEAD, OBSERVATION_TAIL
+from tspo_jax.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-
-def ensure_index(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-    """retriever.spec if given (URL or index dir); else an index of retriever.corpus, built once."""
-    if cfg.spec:
-        return cfg.spec
-    if not cfg.corpus:
-        raise ValueError("set retriever.spec (a URL or an index directory) or retriever.corpus (a JSONL to index)")
-    index_dir = os.path.expanduser(cfg.index_dir or os.path.join(workdir, "index"))
-    # Process 0 builds while the others wait; a process whose disk does not share index_dir then
-    # builds its own copy (the retriever runs on every host).
-    if jax.process_index() == 0:
-        _build_index_if_missing(cfg, index_dir)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("tspo_jax: retrieval index built")
-        _build_index_if_missing(cfg, index_dir)
-    return index_dir
+POLICY, OBSERVATION = "policy", "observation"  # the roles of a demonstration's segments
 
 
-def _build_index_if_missing(cfg: ml_collections.ConfigDict, index_dir: str) -> None:
-    if os.path.exists(os.path.join(index_dir, "manifest.json")):
-        return
-    from tspo_jax.retrieval.build_index import build_index
-
-    log.info("building the %s index of %s into %s", cfg.mode, cfg.corpus, index_dir)
-    build_index(cfg.corpus, index_dir, mode=cfg.mode, overwrite=True, progress=False)
-
-
-# --- supervised warm start ------------------------------------------------------------------------
-class _Demo:
+@dataclasses.dataclass
+class Demonstration:
     """A demonstration episode in the rollout's layout (what pack_episodes reads)."""
 
-    def __init__(self, tokens, loss_mask):
-        self.tokens, self.loss_mask = tokens, loss_mask
-        self.turn_ids = [0] * len(tokens)
-        self.logprobs = [0.0] * len(tokens)
+    tokens: list[int]
+    loss_mask: list[int]
+
+    @property
+    def turn_ids(self) -> list[int]:
+        return [0] * len(self.tokens)
+
+    @property
+    def logprobs(self) -> list[float]:
+        return [0.0] * len(self.tokens)
 
 
-def demonstration_episodes(examples, tokenizer, retriever, rollout_cfg: rollout.RolloutConfig) -> list[_Demo]:
-    from tspo_jax.demo_task import OBSERVATION, DemonstrationUnavailable, demonstrations
+def load_builder(name: str):
+    """"package.module:function" -> the function."""
+    module, sep, attr = name.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"warmstart.demonstrations={name!r} must be 'package.module:function'")
+    return getattr(importlib.import_module(module), attr)
 
+
+def demonstration_episodes(examples, tokenizer, retriever, rollout_cfg: rollout.RolloutConfig,
+                           builder) -> list[Demonstration]:
     def search_fn(query):
-        return [(d.title, d.text) for d in retriever.search([query], rollout_cfg.topk)[0]]
+        return [(d.title, d.text) for d in retriever.search([query], rollout_cfg.docs_per_search)[0]]
 
-    head, tail = "\n\n<information>", "</information>\n\n"
     out, skipped = [], 0
     for ex in examples:
         try:
-            segments = demonstrations(ex, search_fn)
-        except DemonstrationUnavailable:
+            segments = builder(ex, search_fn)
+        except LookupError:
             skipped += 1
             continue
         tokens = rollout.build_prompt(tokenizer, ex.question, rollout_cfg)
         mask = [0] * len(tokens)
         for role, text in segments:
             if role == OBSERVATION:
-                body = text[len(head) : -len(tail)]
+                body = text[len(OBSERVATION_HEAD) : -len(OBSERVATION_TAIL)]
                 ids = rollout.observation_ids(tokenizer, body, rollout_cfg.max_obs_length)
                 mask += [0] * len(ids)
-            else:
+            elif role == POLICY:
                 ids = tokenizer.encode(text)
                 mask += [1] * len(ids)
+            else:
+                raise ValueError(f"a demonstration segment has role {role!r}: use {POLICY!r} or {OBSERVATION!r}")
             tokens += ids
-        out.append(_Demo(tokens, mask))
+        out.append(Demonstration(tokens, mask))
     log.info("warm start: %d demonstration episodes (%d skipped: retrieval missed a needed passage)",
              len(out), skipped)
     return out
 
 
-def maybe_warm_start(trainer, cfg: ml_collections.ConfigDict):
-    """The trainer's params after the warm start: loaded if already done, else trained and saved."""
+def sft_optimizer_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The optim section the warm start trains with: AdamW, no weight decay, warm-up over a tenth
+    of its steps, then constant; clipped at norm 1."""
+    return ml_collections.ConfigDict(dict(
+        lr=cfg.lr, schedule="constant", warmup_ratio=0.0, warmup_steps=max(cfg.steps // 10, 1),
+        weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0))
+
+
+def maybe_warm_start(rt: Runtime, cfg: ml_collections.ConfigDict):
+    """The run's params after the warm start: loaded if already done, else trained and saved."""
     if not cfg.steps:
-        return trainer.params
-    directory = os.path.abspath(os.path.expanduser(cfg.from_dir or os.path.join(trainer.workdir, "warmstart")))
-    ckptr = ocp.StandardCheckpointer()
+        return rt.params
+    directory = os.path.abspath(os.path.expanduser(cfg.from_dir or os.path.join(rt.workdir, "warmstart")))
     target = os.path.join(directory, "params")
     if os.path.exists(target):
-        params = ckptr.restore(target, abstract_like(trainer.params))
+        params = checkpointing.restore_tree(target, rt.abstract_params())
         log.info("warm start loaded from %s", directory)
         return params
     if cfg.from_dir:
         raise FileNotFoundError(f"warmstart.from_dir={cfg.from_dir!r} holds no warm start (no {target})")
 
-    sft_tx = optax.chain(optax.clip_by_global_norm(1.0),
-                         optax.adamw(optax.warmup_constant_schedule(0.0, cfg.lr, max(cfg.steps // 10, 1)),
-                                     weight_decay=0.0))
-    updater = update_lib.PolicyUpdater(trainer.graphdef, trainer.model_cfg, trainer.config.loss, sft_tx,
-                                       trainer.mesh, tokenizer_vocab=trainer.sampler.tokenizer_vocab)
-    demos = demonstration_episodes(trainer.train_examples, trainer.tokenizer, trainer.retriever,
-                                   trainer.rollout_cfg)
+    tx, _ = update_lib.make_optimizer(sft_optimizer_config(cfg), cfg.steps)
+    updater = dataclasses.replace(rt.updater, tx=tx, temperature=1.0)
+    demos = demonstration_episodes(rt.train_examples, rt.tokenizer, rt.retriever, rt.rollout_cfg,
+                                   load_builder(cfg.demonstrations))
     if not demos:
         raise ValueError("the warm start found no demonstration episodes; set warmstart.steps=0")
     width = max(len(d.tokens) for d in demos)
     width = -(-width // 64) * 64
     rng = np.random.default_rng(cfg.seed)
-    params, opt_state = trainer.params, sft_tx.init(trainer.params)
+    params, opt_state = rt.params, tx.init(rt.params)
     rows = cfg.batch_size
     t0 = time.perf_counter()
     for step in range(cfg.steps):
@@ -130,6 +129,5 @@ def maybe_warm_start(trainer, cfg: ml_collections.ConfigDict):
             log.info("warm start step %d/%d: loss %.4f", step + 1, cfg.steps, float(m["sft/loss"]))
     log.info("warm start: %d steps in %.1f s", cfg.steps, time.perf_counter() - t0)
     os.makedirs(directory, exist_ok=True)
-    ckptr.save(target, params)
-    ckptr.wait_until_finished()
+    checkpointing.save_tree(target, params)
     return params

@@ -54,7 +54,7 @@ class EpisodeSpec:
     max_response_length: int  # per-turn limit: Search-R1 generates this many tokens every turn
     max_obs_length: int = 500
     max_turns: int = 4
-    topk: int = 3
+    docs_per_search: int = 3
     doc_tokens: int = 170  # length of a bench corpus passage: 3 docs ~ a 500-token observation
     reps: int | None = None  # default: the config's
 
@@ -161,7 +161,7 @@ def smoke(bc: BenchConfig) -> BenchConfig:
         name=bc.name + "-smoke",
         decode=DecodeSpec(batches=(2,), prompt_lens=(16,), new_tokens=8, modes=("greedy", "sampled")),
         episodes=bc.episodes and EpisodeSpec(rows=2, turn_tokens=12, max_response_length=24, max_obs_length=64,
-                                             max_turns=1, topk=2, doc_tokens=24),
+                                             max_turns=1, docs_per_search=2, doc_tokens=24),
         update=UpdateSpec(rows=8, width=64),
         reps=1,
     )
@@ -274,7 +274,7 @@ def torch_model(source, dtype: str):
 _DEFAULT_THREADS: list[int] = []
 
 
-def _default_threads() -> int:
+def default_threads() -> int:
     """PyTorch's own thread count, as first seen (a calibration may have changed it since)."""
     import torch
 
@@ -297,7 +297,7 @@ def calibrate_torch_threads(model, train: bool = False, reps: int = 2) -> dict:
 
     if model.device.type != "cpu":
         return {"threads": None, "note": "not on a CPU"}
-    default = _default_threads()
+    default = default_threads()
     ids = torch.ones((1, 64 if train else 32), dtype=torch.long)
 
     def probe():

@@ -33,11 +33,9 @@ class Limits:
 class Cost:
     flops: float = 0.0
     bytes: float = 0.0
-    # Seconds the machine needs at best; for a sum of dependent steps, the sum of their limits.
-    limit_s: float | None = None
 
     def __add__(self, other: "Cost") -> "Cost":
-        return Cost(self.flops + other.flops, self.bytes + other.bytes, None)
+        return Cost(self.flops + other.flops, self.bytes + other.bytes)
 
     def seconds(self, limits: Limits) -> float:
         return max(self.flops / limits.matmul_flops, self.bytes / limits.bandwidth)
@@ -90,8 +88,7 @@ def forward_tokens_cost(cfg: Qwen2Config, rows: Iterable[tuple[int, int]], all_l
 
 
 def prefill_cost(cfg: Qwen2Config, prompt_lens: Sequence[int]) -> Cost:
-    c = forward_tokens_cost(cfg, [(0, int(n)) for n in prompt_lens])
-    return dataclasses.replace(c, limit_s=None)
+    return forward_tokens_cost(cfg, [(0, int(n)) for n in prompt_lens])
 
 
 def decode_steps(cfg: Qwen2Config, contexts: np.ndarray, steps: int) -> list[Cost]:

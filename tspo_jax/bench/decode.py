@@ -46,7 +46,7 @@ class _Clock:
 def ours_contender(model, prompts: np.ndarray, new_tokens: int, mode: str, out: dict, seed: int = 0):
     graphdef, state = nnx.split(model)
     sampler = sampling.Sampler(graphdef, model.cfg, eos_ids=(), pad_id=0)
-    params = sampling.SamplingParams(greedy=mode == "greedy", temperature=1.0)
+    sampling_params = sampling.SamplingParams(greedy=mode == "greedy", temperature=1.0)
     b, t = prompts.shape
     tokens, valid = jax.device_put(prompts), jax.device_put(np.ones((b, t), bool))
     max_len = sampling.bucket(t + new_tokens, 64)
@@ -58,7 +58,7 @@ def ours_contender(model, prompts: np.ndarray, new_tokens: int, mode: str, out: 
         gen = sampler.prefill(state, tokens, valid, max_len)
         jax.block_until_ready(gen.next_logits)
         t1 = time.perf_counter()
-        gen, res = sampler.decode(state, gen, jax.random.key(seed + calls[0]), max_new=new_tokens, params=params)
+        gen, res = sampler.decode(state, gen, jax.random.key(seed + calls[0]), max_new=new_tokens, sampling=sampling_params)
         out["tokens"] = np.asarray(res.tokens)
         t2 = time.perf_counter()
         return {"prefill": t1 - t0, "decode": t2 - t1, "total": t2 - t0}

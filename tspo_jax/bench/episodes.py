@@ -17,7 +17,8 @@ import time
 import numpy as np
 from flax import nnx
 
-from tspo_jax import rollout, sampling
+from tspo_jax import rollout
+from tspo_jax.runtime import make_sampler
 from tspo_jax.bench import costs, scripted, searchr1, timing
 from tspo_jax.bench.configs import BenchmarkError, EpisodeSpec
 
@@ -68,7 +69,7 @@ def rollout_config(spec: EpisodeSpec, resume: str) -> rollout.RolloutConfig:
         max_turns=spec.max_turns,
         max_response_length=spec.max_response_length,
         max_obs_length=spec.max_obs_length,
-        topk=spec.topk,
+        docs_per_search=spec.docs_per_search,
         greedy=True,
         resume=resume,
         template="{question}",
@@ -125,15 +126,15 @@ def method_limits(cfg, episodes: list[rollout.Episode], max_response_length: int
 def synthetic_episodes(rows: int, prompt_len: int, turn_len: int, obs_len: int, searches: int) -> list[rollout.Episode]:
     """Episodes of the scripted shape (searches x (turn + observation), then one last turn), for
     projecting `method_limits` onto a model too slow to run them here."""
-    eps = []
+    episodes = []
     for r in range(rows):
         pos, turns = prompt_len, []
         for k in range(searches + 1):
             obs = (pos + turn_len, pos + turn_len + obs_len) if k < searches else None
             turns.append(rollout.Turn("search", (pos, pos + turn_len), obs, "", None))
             pos = obs[1] if obs else pos + turn_len
-        eps.append(rollout.Episode(str(r), prompt_len, [0] * pos, [], [], [], turns, None, ""))
-    return eps
+        episodes.append(rollout.Episode(str(r), prompt_len, [0] * pos, [], [], [], turns, None, ""))
+    return episodes
 
 
 def _check_same(ours, reprefill, sr1, script: scripted.Script, spec: EpisodeSpec):
@@ -150,11 +151,8 @@ def _check_same(ours, reprefill, sr1, script: scripted.Script, spec: EpisodeSpec
 
 def measure(jmodel, tmodel, tokenizer, retriever, script: scripted.Script, spec: EpisodeSpec, *,
             reps: int, limits: costs.Limits, profile_dir: str | None = None) -> dict:
-    graphdef, state = nnx.split(jmodel)
-    sampler = sampling.Sampler(
-        graphdef, jmodel.cfg, eos_ids=[tokenizer.eos_id], pad_id=tokenizer.pad_id,
-        stop_strings=rollout.STOP_STRINGS, token_bytes=tokenizer.token_bytes,
-    )
+    graphdef, params = nnx.split(jmodel)
+    sampler = make_sampler(graphdef, jmodel.cfg, tokenizer)
     questions = [scripted.QUESTIONS[i % len(scripted.QUESTIONS)] for i in range(spec.rows)]
     prompts = [list(script.prompts[i % len(script.prompts)]) for i in range(spec.rows)]
     runners = {m: rollout.EpisodeRunner(sampler, tokenizer, retriever, rollout_config(spec, m))
@@ -164,8 +162,7 @@ def measure(jmodel, tmodel, tokenizer, retriever, script: scripted.Script, spec:
 
     def ours(method):
         def run():
-            eps = runners[method].run(state, questions, n=1)
-            last[method] = eps
+            last[method] = runners[method].run(params, questions, n=1)
             return {"retrieval": runners[method].timing.get("retrieval", 0.0)}
         return run
 
@@ -178,18 +175,18 @@ def measure(jmodel, tmodel, tokenizer, retriever, script: scripted.Script, spec:
     samples = timing.interleaved(contenders, reps)
     _check_same(last["cache"], last["reprefill"], last["searchr1"], script, spec)
 
-    eps = last["cache"]
-    policy_tokens = sum(sum(e.loss_mask) for e in eps)
-    own_limits = method_limits(jmodel.cfg, eps, spec.max_response_length, limits)
+    episodes = last["cache"]
+    policy_tokens = sum(sum(e.loss_mask) for e in episodes)
+    own_limits = method_limits(jmodel.cfg, episodes, spec.max_response_length, limits)
     limit = own_limits["interrupt_resume"]
     out = {
         "rows": spec.rows,
-        "turns": spec.max_turns + 1,
+        "turns": rollout_config(spec, "cache").num_turns,
         "searches_per_episode": spec.max_turns,
-        "topk": spec.topk,
+        "topk": spec.docs_per_search,  # the results files keep their key
         "policy_tokens_per_turn": len(script.turn_ids),
-        "observation_tokens": [s[1] - s[0] for s in (t.obs_span for t in eps[0].turns) if s],
-        "episode_tokens": [len(e.tokens) for e in eps],
+        "observation_tokens": [s[1] - s[0] for s in (t.obs_span for t in episodes[0].turns) if s],
+        "episode_tokens": [len(e.tokens) for e in episodes],
         "max_response_length": spec.max_response_length,
         "limit_s": limit,
         "searchr1_generated_tokens": sr1_stats["generated_tokens"],

@@ -56,25 +56,25 @@ def run_episodes(model, tokenizer, retriever, prompts, cfg: rollout.RolloutConfi
 
     stats = {} if stats is None else stats
     stats.update(generated_tokens=0, prefilled_tokens=0, retrieval_s=0.0, turns=0)
-    eps = [SearchR1Episode(list(p), len(p), [], []) for p in prompts]
-    active = [True] * len(eps)
+    episodes = [SearchR1Episode(list(p), len(p), [], []) for p in prompts]
+    active = [True] * len(episodes)
     dev = model.device
     pad = tokenizer.pad_id
     gc = transformers.GenerationConfig(
         max_new_tokens=cfg.max_response_length, do_sample=False, eos_token_id=tokenizer.eos_id, pad_token_id=pad
     )
     invalid_ids = tokenizer.encode(rollout.INVALID_ACTION_MESSAGE)
-    for turn in range(cfg.max_turns + 1):
+    for turn in range(cfg.num_turns):
         rows = [i for i, a in enumerate(active) if a]
         if not rows:
             break
         search_allowed = turn < cfg.max_turns
-        width = max(len(eps[i].tokens) for i in rows)
+        width = max(len(episodes[i].tokens) for i in rows)
         ids = np.full((len(rows), width), pad, np.int64)
         mask = np.zeros((len(rows), width), np.int64)
         for j, i in enumerate(rows):
-            n = len(eps[i].tokens)
-            ids[j, width - n :] = eps[i].tokens
+            n = len(episodes[i].tokens)
+            ids[j, width - n :] = episodes[i].tokens
             mask[j, width - n :] = 1
         with torch.inference_mode():
             out = model.generate(
@@ -87,7 +87,7 @@ def run_episodes(model, tokenizer, retriever, prompts, cfg: rollout.RolloutConfi
         texts = tokenizer.backend.decode_batch([g.tolist() for g in gen], skip_special_tokens=True)
         searches = []
         for j, i in enumerate(rows):
-            ep = eps[i]
+            ep = episodes[i]
             text = cut_response(texts[j])
             ep.tokens += tokenizer.encode(text)
             ep.turn_texts.append(text)
@@ -103,8 +103,8 @@ def run_episodes(model, tokenizer, retriever, prompts, cfg: rollout.RolloutConfi
                 ep.tokens += invalid_ids
         if searches:
             t0 = time.perf_counter()
-            results = retriever.search([eps[i].queries[-1] for i in searches], cfg.topk)
+            results = retriever.search([episodes[i].queries[-1] for i in searches], cfg.docs_per_search)
             stats["retrieval_s"] += time.perf_counter() - t0
             for i, docs in zip(searches, results):
-                eps[i].tokens += rollout.observation_ids(tokenizer, format_docs(docs), cfg.max_obs_length)
-    return eps
+                episodes[i].tokens += rollout.observation_ids(tokenizer, format_docs(docs), cfg.max_obs_length)
+    return episodes

@@ -31,9 +31,6 @@ class Samples:
     def median(self, part: str = "total") -> float:
         return statistics.median(self.parts[part])
 
-    def min(self, part: str = "total") -> float:
-        return min(self.parts[part])
-
     def spread(self, part: str = "total") -> float:
         """(max - min) / median: how much the repetitions disagree."""
         xs = self.parts[part]

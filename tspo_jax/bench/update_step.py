@@ -63,7 +63,7 @@ def make_updater(model, rows: int, lr: float = LR):
         raise ValueError(f"the update batch has {rows} rows; it must divide over the {mesh.size} devices")
     tx, _ = update_lib.make_optimizer(optimizer_config(lr), total_steps=1000)
     loss_cfg = losses.default_config()  # Search-R1: clip 0.2, low_var_kl 0.001, entropy 0.001, token-mean
-    updater = update_lib.PolicyUpdater(nnx.graphdef(model), model.cfg, loss_cfg, tx, mesh, micro_batch=rows)
+    updater = update_lib.PolicyUpdater(nnx.graphdef(model), loss_cfg, tx, mesh, micro_batch=rows)
     return updater, tx
 
 

@@ -43,8 +43,8 @@ def format_docs(docs: Sequence[tuple[str, str]]) -> str:
 
 
 def format_observation(docs: Sequence[tuple[str, str]]) -> str:
-    """The text the environment appends after a search (Search-R1 strips the docs string)."""
-    return f"\n\n<information>{format_docs(docs).strip()}</information>\n\n"
+    """The text the environment appends after a search, exactly as the rollout writes it."""
+    return retrieval_base.wrap_observation(format_docs(docs))
 
 
 def _search_turn(think: str, query: str) -> str:

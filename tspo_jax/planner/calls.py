@@ -48,7 +48,7 @@ def rollout_shapes(run: AbstractRun) -> dict:
     rcfg = rollout.RolloutConfig(**{k: v for k, v in c.rollout.to_dict().items() if k in known})
     rows = c.prompts_per_step * c.group_size
     row_multiple = run.sampler.row_multiple
-    slots = min(c.rollout.get("slots", 0) or 0, rows)
+    slots = min(run.slots or c.rollout.get("slots", 0) or 0, rows)
     # Without decode slots the whole step's rows decode at once, bucketed as EpisodeRunner.run does.
     batch = sampling.bucket(rows, row_multiple) if not slots else -(-slots // row_multiple) * row_multiple
     width = sampling.bucket(rcfg.max_prompt_length, 16)

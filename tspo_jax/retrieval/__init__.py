@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import os
 
-from tspo_jax.retrieval.base import Doc, Retriever, RetrieverError, format_docs
+from tspo_jax.retrieval.base import (OBSERVATION_HEAD, OBSERVATION_TAIL, Doc, Retriever, RetrieverError,
+                                     format_docs, wrap_observation)
 from tspo_jax.retrieval.client import HttpRetriever
 
 __all__ = [
     "Doc",
     "HttpRetriever",
     "LocalRetriever",
+    "OBSERVATION_HEAD",
+    "OBSERVATION_TAIL",
     "Retriever",
     "RetrieverError",
     "format_docs",
     "make_retriever",
+    "wrap_observation",
 ]
 
 

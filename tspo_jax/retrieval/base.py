@@ -32,6 +32,15 @@ def format_docs(docs: Sequence[Doc]) -> str:
     return "".join(f"Doc {i}(Title: {d.title}) {d.text}\n" for i, d in enumerate(docs, 1))
 
 
+# Search-R1's observation `\n\n<information>{docs.strip()}</information>\n\n`, in one place.
+OBSERVATION_HEAD, OBSERVATION_TAIL = "\n\n<information>", "</information>\n\n"
+
+
+def wrap_observation(docs_text: str) -> str:
+    """The text the environment appends after a search (Search-R1 strips the docs string)."""
+    return f"{OBSERVATION_HEAD}{docs_text.strip()}{OBSERVATION_TAIL}"
+
+
 def check_request(queries: Sequence[str], topk: int, count: int | None = None) -> None:
     """Raises ValueError for a request no retriever should try; `count` is the corpus size if known."""
     if isinstance(queries, str):

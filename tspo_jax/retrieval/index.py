@@ -238,12 +238,16 @@ class ScannIndex:
         return cls(scann.scann_ops_pybind.load_searcher(path), count, dim, params)
 
 
+def validate_mode(mode: str) -> None:
+    if mode != "auto" and mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of {MODES + ('auto',)}.")
+
+
 def resolve_mode(mode: str, count: int) -> str:
     """'auto' -> exact for small corpora, scann otherwise; validates explicit modes."""
+    validate_mode(mode)
     if mode == "auto":
         return "exact" if count <= AUTO_EXACT_MAX else "scann"
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not one of {MODES + ('auto',)}.")
     return mode
 
 
