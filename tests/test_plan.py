@@ -91,7 +91,9 @@ def test_a_config_that_does_not_fit_exits_nonzero_naming_the_function():
 
 
 def test_host_plan_uses_the_cpu_devices_and_ram():
-    res = plan_lib.plan(tiny_config(), "host", only=("update",))
+    c = tiny_config()
+    c.micro_batch = 8  # a multiple of the 8 batch devices
+    res = plan_lib.plan(c, "host", only=("update",))
     assert res["target"]["chips"] == 8  # tests/conftest.py's fake devices
     assert res["target"]["usable_bytes"] * 8 == pytest.approx(hardware.host_memory_bytes(), rel=1e-6)
     assert res["fits"] and [f["name"] for f in res["functions"]] == ["update/step"]
