@@ -79,11 +79,11 @@ def test_a_change_to_the_config_shapes_changes_the_plan():
 
 @needs_libtpu
 def test_a_config_that_does_not_fit_exits_nonzero_naming_the_function():
-    # All 256 rows of a mini-batch in one micro-batch at a 4,608-token context on 4 v5e chips.
+    # All 1,024 rows of a mini-batch in one micro-batch at a 4,608-token context on 4 v5e chips.
     args = [sys.executable, "-m", "tspo_jax.plan", "--config=configs/demo.py", "--topology=v5e-4", "--only=update",
             "--config.mesh.shape=(1,-1,1)", "--config.model.arch.num_layers=1", "--config.model.dtype=bfloat16",
-            "--config.prompts_per_step=256", "--config.group_size=1", "--config.mini_batch=256",
-            "--config.micro_batch=256", "--config.rollout.max_context_length=4608", "--config.eval.every=0"]
+            "--config.prompts_per_step=1024", "--config.group_size=1", "--config.mini_batch=1024",
+            "--config.micro_batch=1024", "--config.rollout.max_context_length=4608", "--config.eval.every=0"]
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 1, p.stderr[-2000:]
