@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.group_size = 5  # rollouts per question (n)
     c.mini_batch = 40  # trajectories per optimizer step
     c.micro_batch = 8  # trajectories per gradient-accumulation slice
+    # Rows per slice of the reference / old-logprob forward over a step (memory only); None: micro_batch.
+    c.logprob_micro_batch = ml_collections.config_dict.placeholder(int)
     c.ppo_epochs = 1
     c.recompute_old_logprobs = False  # the sampler's logprobs are exact here (same model, fp32)
     c.checkpoint_every = 10

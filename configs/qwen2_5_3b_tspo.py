@@ -43,6 +43,8 @@ MESHES = {
     "fsdp_any": (1, -1, 1),
 }
 DEFAULT_MESH = "gpu8"
+# micro_batch on the TPU meshes: 16 = one row per batch device (data x fsdp = 16 on both).
+TPU_MICRO_BATCH = {"tpu_v4_32": 16, "tpu_v5e_64": 16}
 
 # Environment variables the Search-R1-scale configs read when loaded.
 MODEL_DIR_ENV = "TSPO_MODEL_DIR"
@@ -105,6 +107,13 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
     # mini-batch's counts (verl's agg_loss), so the update is the same for any value (up to float
     # rounding; tests/test_update.py checks micro_batch m, m/2, m/4).
     c.micro_batch = micro_batch
+    # On the TPU slices, one row per chip per gradient-accumulation slice: the update's activations
+    # at a 4,608-token context are what fills HBM (docs/POD_PLAN.md, python -m tspo_jax.plan).
+    if mesh_arg in TPU_MICRO_BATCH:
+        c.micro_batch = TPU_MICRO_BATCH[mesh_arg]
+    # Rows per slice of the reference / old-logprob forward over the whole step (memory only);
+    # None: micro_batch.
+    c.logprob_micro_batch = ml_collections.config_dict.placeholder(int)
     c.ppo_epochs = 1
     # The sampler (KV-cache decode) and the trainer (full forward) round differently in bf16, so
     # the PPO ratio's denominator is recomputed by the trainer's forward, as verl does.

@@ -34,6 +34,7 @@ Usage: bash launch/tpu_pod.sh --name=TPU --zone=ZONE --accelerator=TYPE --config
   --base-python=PY       Python >= 3.11 on the workers (default python3.11; apt-installed if missing)
   --log=FILE             training log on each worker (default ~/tspo_train.log)
   --skip-install         reuse the workers' venv as it is
+  --skip-plan            do not run python -m tspo_jax.plan for the slice first (docs/POD_PLAN.md)
   --attach               stay attached to the training (default: detach and print how to follow it)
   --dry-run              print every command, run nothing
 Flags after -- go to tspo_jax.train unchanged, e.g. -- --config.total_steps=200
@@ -45,7 +46,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 NAME="" ZONE="" ACCELERATOR="" CONFIG="" WORKDIR="" PROJECT="" VERSION="" SPOT=0
 INDEX="" INDEX_GCS="" CORPUS="" PORT=8000 RETRIEVER_URL="" MODEL_DIR="" MODEL_GCS="" DATA_DIR="" DATA_GCS=""
-REMOTE_DIR="~/tspo_jax" BASE_PYTHON=python3.11 LOG="~/tspo_train.log" SKIP_INSTALL=0 ATTACH=0 TRAIN_EXTRA=()
+REMOTE_DIR="~/tspo_jax" BASE_PYTHON=python3.11 LOG="~/tspo_train.log" SKIP_INSTALL=0 SKIP_PLAN=0 ATTACH=0 TRAIN_EXTRA=()
 COORDINATOR_PORT=8476  # JAX's default coordinator port on Cloud TPU
 
 while (($#)); do
@@ -54,6 +55,7 @@ while (($#)); do
     --dry-run) DRY_RUN=1; shift ;;
     --spot) SPOT=1; shift ;;
     --skip-install) SKIP_INSTALL=1; shift ;;
+    --skip-plan) SKIP_PLAN=1; shift ;;
     --attach) ATTACH=1; shift ;;
     --) shift; TRAIN_EXTRA=("$@"); break ;;
     --name | --zone | --accelerator | --config | --workdir | --project | --version | --index | --index-gcs | \
@@ -113,6 +115,19 @@ if ((!SKIP_INSTALL)); then
   JAX_VERSION=$(pinned_jax_version "$REPO")
   BP=$(quote "$BASE_PYTHON")
   on_workers "set -e; cd $RDIR; command -v $BP > /dev/null || { sudo apt-get update -q && sudo apt-get install -y -q $BP $BP-venv; }; [ -x .venv/bin/python ] || $BP -m venv .venv; .venv/bin/python -m pip install -q -r requirements.txt; .venv/bin/python -m pip install -q $(quote "jax[tpu]==$JAX_VERSION") -f https://storage.googleapis.com/jax-releases/libtpu_releases.html; .venv/bin/python -m pip install -q --no-deps -e ."
+fi
+
+# 3b. Does one training step fit this slice? tspo_jax.plan compiles it for the slice's topology
+# (on the workers' CPUs: JAX_PLATFORMS=cpu leaves the chips alone) and exits non-zero, naming the
+# function and the knobs, when it does not: the launch stops here instead of at the first step.
+if ((!SKIP_PLAN)); then
+  case $ACCELERATOR in
+    v5litepod-*) TOPOLOGY=v5e-${ACCELERATOR#v5litepod-} ;;
+    *) TOPOLOGY=$ACCELERATOR ;;
+  esac
+  plan=(.venv/bin/python -m tspo_jax.plan --config="$CONFIG" --topology="$TOPOLOGY")
+  for a in "${TRAIN_EXTRA[@]}"; do [[ $a == --config.* ]] && plan+=("$a"); done  # the run's overrides
+  on_workers "cd $RDIR && JAX_PLATFORMS=cpu $(quote "${plan[@]}")"
 fi
 
 # 4. Data, checkpoint and index from Cloud Storage onto every worker's disk.

@@ -543,3 +543,16 @@ def test_remote_paths_expand_on_the_worker():
         check=True,
     ).stdout.split("\n")[:-1]
     assert echoed == [f"{home}/runs/a b", home, "/abs/x", "rel/y", f'{home}/q"$`\\z']
+
+
+def test_tpu_pod_plans_the_slice_before_training_unless_skipped(fakes):
+    lines = printed(run("tpu_pod.sh", "--dry-run", *TPU_ARGS, "--", "--config.micro_batch=16", env=fakes["env"]).stdout)
+    remote = remote_commands(lines)
+    plan = shlex.split(one(remote, lambda c: "tspo_jax.plan" in c).split("&& ", 1)[1])
+    assert plan == ["JAX_PLATFORMS=cpu", ".venv/bin/python", "-m", "tspo_jax.plan",
+                    "--config=configs/qwen2_5_3b_tspo.py:tpu_v4_32", "--topology=v4-32", "--config.micro_batch=16"]
+    # before the training command
+    assert remote.index(one(remote, lambda c: "tspo_jax.plan" in c)) < remote.index(
+        one(remote, lambda c: "tspo_jax.train" in c))
+    skipped = remote_commands(printed(run("tpu_pod.sh", "--dry-run", "--skip-plan", *TPU_ARGS, env=fakes["env"]).stdout))
+    assert not any("tspo_jax.plan" in c for c in skipped)

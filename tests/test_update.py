@@ -127,6 +127,29 @@ def test_logprobs_match_a_plain_forward():
     assert (lp[:, 0] == 0).all()
 
 
+def test_logprobs_in_row_slices_match_a_plain_forward_in_row_order():
+    """The reference / old logprobs run in slices of logprob_micro_batch rows (every (B/m)-th row
+    together): the result is the one forward's, rows in their original order."""
+    rs = np.random.RandomState(5)
+    model, upd, _ = _setup((2, 2, 2), 4)
+    packed = _batch(rs)
+    logits, _ = model(jnp.asarray(packed["tokens"]), valid=jnp.asarray(packed["valid"]))
+    ref = np.asarray(losses.logprobs_from_logits(logits[:, :-1], jnp.asarray(packed["tokens"][:, 1:])))
+    m = packed["valid"][:, 1:]
+    for slice_rows in (4, 2):
+        upd.logprob_micro_batch = slice_rows
+        upd.__post_init__()  # a fresh trace for the new slice size
+        lp = np.asarray(upd.logprobs(nnx.state(model, nnx.Param), upd.shard(packed)))
+        np.testing.assert_allclose(lp[:, 1:][m], ref[m], atol=1e-5)
+
+
+def test_pack_width_is_a_multiple_of_the_block_not_a_power_of_two():
+    assert update_lib.pack_width(4100) == 4608 and update_lib.pack_width(4608) == 4608
+    assert update_lib.pack_width(1) == 512 and update_lib.pack_width(65, block=64) == 128
+    with pytest.raises(ValueError, match="longest"):
+        update_lib.pack_width(0)
+
+
 def test_optimizer_schedule_warms_up_then_holds():
     c = ml_collections.ConfigDict(
         dict(

@@ -110,7 +110,14 @@ def validate_config(c: ml_collections.ConfigDict, *, check_files: bool = True, d
     except ValueError as e:
         raise ConfigError(f"mesh.shape: {e}") from None
     batch_devices = shd.batch_devices(shape)
-    for name, value in (("micro_batch", c.micro_batch), ("warmstart.batch_size", c.warmstart.batch_size)):
+    lp_rows = c.get("logprob_micro_batch")
+    if lp_rows is not None and (not isinstance(lp_rows, int) or lp_rows < 1 or rows % lp_rows):
+        raise ConfigError(f"logprob_micro_batch={lp_rows!r} must be a positive divisor of the step's {rows} "
+                          "trajectories (rows per reference/old-logprob slice), or None for micro_batch")
+    checked = [("micro_batch", c.micro_batch), ("warmstart.batch_size", c.warmstart.batch_size)]
+    if lp_rows:
+        checked.append(("logprob_micro_batch", lp_rows))
+    for name, value in checked:
         if value % batch_devices:
             raise ConfigError(f"{name}={value} must be a multiple of the data x fsdp devices "
                               f"({batch_devices}) the batch is split over")

@@ -232,7 +232,8 @@ class Runtime:
         updater = update_lib.PolicyUpdater(
             graphdef, config.loss, tx, mesh,
             temperature=1.0 if config.rollout.greedy else config.rollout.temperature,
-            micro_batch=config.micro_batch, tokenizer_vocab=sampler.tokenizer_vocab)
+            micro_batch=config.micro_batch, tokenizer_vocab=sampler.tokenizer_vocab,
+            logprob_micro_batch=config.get("logprob_micro_batch"))
         rt = cls(config=config, workdir=workdir, mesh=mesh, model_cfg=model_cfg, graphdef=graphdef,
                  params=params, tokenizer=tokenizer, eos_ids=eos_ids, sampler=sampler, rollout_cfg=rollout_cfg,
                  retriever=retriever, runner=runner, tx=tx, schedule=schedule, updater=updater,

@@ -29,7 +29,7 @@ from tspo_jax import advantages as adv_lib
 from tspo_jax import data, evaluation, paths, rewards, rollout, run_flags
 from tspo_jax import sharding as shd
 from tspo_jax import update as update_lib
-from tspo_jax import warmstart
+from tspo_jax import warmstart, xla_flags
 from tspo_jax.metrics import MetricsWriter, plot_training, read_metrics
 from tspo_jax.runtime import Runtime
 
@@ -281,6 +281,7 @@ def _prefix(d: dict, prefix: str) -> dict:
 # --- command line -----------------------------------------------------------------------------------
 def main(argv):
     del argv
+    xla_flags.use_memory_scheduler_on_cpu()  # before the Trainer asks JAX for devices
     run_flags.setup_logging()
     if run_flags.CONFIG.value is None or not run_flags.WORKDIR.value:
         raise app.UsageError("pass --config=configs/NAME.py and --workdir=DIR")

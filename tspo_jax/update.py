@@ -23,7 +23,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tspo_jax import losses
 from tspo_jax import sharding as shd
-from tspo_jax.sampling import bucket
+
+# Packed widths are multiples of this many tokens: few compiled update shapes (9 up to Search-R1's
+# 4,608-token context), at most PACK_BLOCK - 1 padding columns. Powers of two would pad a
+# 4,100-token step to 8,192.
+PACK_BLOCK = 512
+
+
+def pack_width(longest: int, block: int = PACK_BLOCK) -> int:
+    """The packed width for a batch whose longest episode has `longest` tokens."""
+    if longest < 1 or block < 1:
+        raise ValueError(f"need longest >= 1 and block >= 1, got {longest} and {block}")
+    return -(-longest // block) * block
 
 
 def pack_episodes(episodes: Sequence, width: int | None = None, rows: int | None = None) -> dict[str, np.ndarray]:
@@ -32,7 +43,7 @@ def pack_episodes(episodes: Sequence, width: int | None = None, rows: int | None
     Rows past len(episodes) are padding (valid all False) so the batch divides the mesh."""
     n = len(episodes)
     rows = rows or n
-    width = width or bucket(max(len(e.tokens) for e in episodes), 64)
+    width = width or pack_width(max(len(e.tokens) for e in episodes))
     out = {
         "tokens": np.zeros((rows, width), np.int32),
         "valid": np.zeros((rows, width), bool),
@@ -111,12 +122,17 @@ class PolicyUpdater:
     temperature: float = 1.0
     micro_batch: int = 8
     tokenizer_vocab: int | None = None  # ids past it (embedding padding) get no probability
+    # Rows per forward slice of `logprobs` (reference / old logprobs of the whole step's rows);
+    # None: micro_batch. Memory only: the result is the same for any value.
+    logprob_micro_batch: int | None = None
 
     def __post_init__(self):
         self.loss_cfg = ml_collections.ConfigDict(self.loss_cfg.to_dict())  # frozen copy for tracing
         self._logprobs = jax.jit(self._logprobs_impl)
         self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
         self._sft = jax.jit(self._sft_impl, donate_argnums=(0, 1))
+        # The compiled functions by name, for ahead-of-time lowering (python -m tspo_jax.plan).
+        self.jitted = {"logprobs": self._logprobs, "update": self._update, "sft": self._sft}
 
     # --- model pieces ---------------------------------------------------------------------------
     def _token_logprobs(self, params, tokens, valid):
@@ -129,16 +145,30 @@ class PolicyUpdater:
         return logp, entropy
 
     def _logprobs_impl(self, params, tokens, valid):
-        return self._token_logprobs(params, tokens, valid)[0]
+        # One forward per slice of rows: the activations of a slice, not of every row of
+        # the step, are alive at once.
+        m = self.logprob_micro_batch or self.micro_batch
+        micro = [self._micro_split(x, m) for x in (tokens, valid)]
+        # The params ride in the carry (unchanged) so that each slice merges the model from values
+        # of its own trace level, which nnx.remat requires.
+        _, logp = jax.lax.scan(lambda p, mb: (p, self._token_logprobs(p, *mb)[0]), params, micro)
+        return self._micro_join(logp)
 
-    def _micro_split(self, x):
+    def _micro_split(self, x, m: int | None = None):
         """[B, ...] -> [B/m, m, ...] taking every (B/m)-th row, so that each micro-batch still
         spans all the devices the batch is sharded over (contiguous blocks would serialise them)."""
         b = x.shape[0]
-        m = self.micro_batch if b % self.micro_batch == 0 else b
+        m = m or self.micro_batch
+        m = m if b % m == 0 else b
         x = x.reshape(m, b // m, *x.shape[1:]).swapaxes(0, 1)
         spec = P(None, shd.BATCH_AXES, *([None] * (x.ndim - 2)))
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+    def _micro_join(self, x):
+        """The inverse of _micro_split: [B/m, m, ...] -> [B, ...] in the original row order."""
+        x = x.swapaxes(0, 1)
+        x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, shd.batch_spec(x.ndim)))
 
     # --- RL update --------------------------------------------------------------------------------
     def _update_impl(self, params, opt_state, batch, lr):

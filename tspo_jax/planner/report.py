@@ -1,0 +1,90 @@
+"""The plan as markdown: the target, the resident state, one row per compiled function, the step."""
+
+from __future__ import annotations
+
+GiB = 2**30
+
+
+def _g(x) -> str:
+    return f"{x / GiB:.2f}"
+
+
+def _t(s: float) -> str:
+    if s >= 3600:
+        return f"{s / 3600:.1f} h"
+    if s >= 60:
+        return f"{s / 60:.1f} min"
+    return f"{s:.2f} s" if s < 10 else f"{s:.1f} s"
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def markdown(res: dict) -> str:
+    t, r, st = res["target"], res["resident_bytes"], res["step_s"]
+    kind = ("compiled for it" if t["compiled"] else
+            "ESTIMATE: no compiler for it here; XLA:CPU's memory analysis of the same program stands in")
+    c = res["config"]
+    lines = [
+        f"## Plan: {res.get('command', '')}",
+        "",
+        f"- Target: {t['name']}, {t['chips']} x {t['chip']} ({kind}); usable {_g(t['usable_bytes'])} GiB per chip "
+        f"(published {_g(t['hbm_bytes'])} GiB), peak {t['bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
+        f"{t['hbm_bandwidth'] / 1e9:,.0f} GB/s ({t['source']})",
+        f"- Config: mesh {tuple(c['mesh'])}, {c['prompts_per_step']} prompts x {c['group_size']}, mini-batch "
+        f"{c['mini_batch']}, micro-batch {c['micro_batch']}, logprob slices {c['logprob_micro_batch'] or c['micro_batch']}"
+        f", logprob chunk {c['logprob_chunk']}, remat {c['remat']}, decode slots {c['slots'] or 'all rows'}; "
+        f"shapes {res['shapes']}",
+        f"- Resident per chip: params {_g(r['params'])} + Adam moments {_g(r['opt_state'])} + reference "
+        f"{_g(r['ref_params'])} + KV cache {_g(r['kv_cache'])} = {_g(r['total'])} GiB",
+        "",
+        _row(["function", "calls/step", "loop iters", "args GiB", "out GiB", "temp GiB", "alias GiB",
+              "+resident GiB", "peak GiB/chip", "% usable", "fits", "TFLOP/call/chip", "GB/call/chip",
+              "collective MB/body", "compile s", "roofline s/call", "shape"]),
+        _row(["---"] * 17),
+    ]
+    for f in res["functions"]:
+        coll = sum(f["collectives"].values()) / 1e6
+        lines.append(_row([
+            f["name"], f"{f['calls_per_step']:.3g}", f["loop_iters"], _g(f["argument_bytes"]),
+            _g(f["output_bytes"]), _g(f["temp_bytes"]) if f["compiled"] else f"needs {_g(f['needed_bytes'])}",
+            _g(f["alias_bytes"]), _g(f["resident_extra_bytes"]), _g(f["peak_bytes"]),
+            f"{100 * f['peak_bytes'] / t['usable_bytes']:.0f}%", "yes" if f["fits"] else "**NO**",
+            f"{f['flops'] / 1e12:.2f}", f"{f['bytes'] / 1e9:.1f}", f"{coll:.1f}", f"{f['compile_s']:.0f}",
+            f"{f['roofline_s']:.3g}", f["note"]]))
+    p = res["projected_s"]
+    lines += [
+        "",
+        f"Projected step (roofline, a lower bound from XLA's cost model, not a measurement): "
+        f"{_t(st['total'])} = rollout {_t(st['rollout'])} + reference {_t(st['reference'])} + update "
+        f"{_t(st['update'])}; evaluation adds {_t(st['eval_amortised'])} per step amortised. "
+        f"200 steps: {_t(p['200_steps'])}; total_steps ({c['total_steps']}): {_t(p['total_steps'])}.",
+        "",
+        "Verdict: " + ("nothing compiled: resident state only" if res["fits"] is None else
+                       f"{'fits' if res['fits'] else 'DOES NOT FIT'} with {res['min_headroom']:.0%} headroom."),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def summary(results: list[dict]) -> str:
+    """One row per plan (config x topology): the fit, the largest function, the projected times."""
+    lines = [_row(["plan", "chips", "fits", "largest function", "peak GiB/chip", "% usable", "resident GiB/chip",
+                   "step: rollout + reference + update", "200 steps", "1,005 steps"]), _row(["---"] * 10)]
+    for res in results:
+        t, st = res["target"], res["step_s"]
+        worst = max(res["functions"], key=lambda f: f["peak_bytes"], default=None)
+        if worst is None:
+            lines.append(_row([res.get("command", ""), t["chips"], "not compiled", "-", "-", "-",
+                               _g(res["resident_bytes"]["total"]), "-", "-", "-"]))
+            continue
+        per_step = st["total"] + st["eval_amortised"]
+        lines.append(_row([
+            res.get("command", "").replace("python -m tspo_jax.plan ", ""), f"{t['chips']} x {t['chip']}"
+            + ("" if t["compiled"] else " (estimate)"), "yes" if res["fits"] else "**NO**", worst["name"],
+            _g(worst["peak_bytes"]), f"{100 * worst['peak_bytes'] / t['usable_bytes']:.0f}%",
+            _g(res["resident_bytes"]["total"]),
+            f"{_t(st['total'])} = {_t(st['rollout'])} + {_t(st['reference'])} + {_t(st['update'])}",
+            _t(200 * per_step), _t(1005 * per_step)]))
+    return "\n".join(lines) + "\n"
