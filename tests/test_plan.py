@@ -71,7 +71,7 @@ def test_tiny_config_on_v5e_2x2_compiles_every_function_and_fits():
 @needs_libtpu
 def test_a_change_to_the_config_shapes_changes_the_plan():
     short = plan_lib.plan(tiny_config(), "v5e-4", only=("update",))
-    long = plan_lib.plan(tiny_config(max_response_length=150), "v5e-4", only=("update",))
+    long = plan_lib.plan(tiny_config(max_response_length=400), "v5e-4", only=("update",))
     assert long["shapes"]["update_width"] > short["shapes"]["update_width"]
     a, b = short["functions"][0], long["functions"][0]
     assert b["argument_bytes"] > a["argument_bytes"] and b["flops"] > a["flops"]

@@ -63,7 +63,7 @@ def plan(config, topology: str, min_headroom: float = 0.1, only: tuple[str, ...]
                 "opt_state": abstract.per_device_bytes(run.opt_state),
                 "ref_params": abstract.per_device_bytes(run.ref_params) if run.ref_params is not None else 0}
     shapes = calls_lib.rollout_shapes(run)
-    kv_cache = abstract.per_device_bytes(calls_lib.gen_state(run, shapes["batch"], shapes["max_len"]).cache)
+    kv_cache = abstract.per_device_bytes(run.sampler.abstract_cache(shapes["slots"], shapes["max_len"]).cache)
     results = []
     for call in calls_lib.step_calls(run):
         if only and not any(call.name.startswith(o) for o in only):

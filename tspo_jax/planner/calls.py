@@ -19,7 +19,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tspo_jax import rollout, sampling
 from tspo_jax import sharding as shd
 from tspo_jax import update as update_lib
-from tspo_jax.model.qwen2 import KVCache
 from tspo_jax.planner.abstract import AbstractRun
 
 
@@ -41,21 +40,21 @@ def _sds(shape, dtype, sharding):
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
 
 
-def rollout_shapes(run: AbstractRun) -> dict:
-    """Rows, prompt width, cache length and block widths the rollout compiles for."""
+def rollout_shapes(run: AbstractRun, rows: int | None = None) -> dict:
+    """Slots, prompt width, cache length and block widths the slot engine compiles for
+    (rollout.EpisodeRunner._run_slots): S slots, each refill or append block padded to the next
+    power of two of the slots that take part (worst case: all S), widths to multiples of 16."""
     c = run.config
     known = {f.name for f in dataclasses.fields(rollout.RolloutConfig)}
     rcfg = rollout.RolloutConfig(**{k: v for k, v in c.rollout.to_dict().items() if k in known})
-    rows = c.prompts_per_step * c.group_size
-    row_multiple = run.sampler.row_multiple
-    slots = min(run.slots or c.rollout.get("slots", 0) or 0, rows)
-    # Without decode slots the whole step's rows decode at once, bucketed as EpisodeRunner.run does.
-    batch = sampling.bucket(rows, row_multiple) if not slots else -(-slots // row_multiple) * row_multiple
-    width = sampling.bucket(rcfg.max_prompt_length, 16)
-    max_len = sampling.bucket(rcfg.context_length(width), 64)
-    obs = sampling.bucket(max(rcfg.max_obs_length, len(rollout.INVALID_ACTION_MESSAGE)), 16)
-    return dict(rows=rows, batch=batch, waves=math.ceil(rows / batch), prompt_width=width, max_len=max_len,
-                obs_width=obs, turns=rcfg.max_turns + 1, max_new=rcfg.max_response_length, cfg=rcfg)
+    rows = c.prompts_per_step * c.group_size if rows is None else rows
+    requested = run.slots or rcfg.slots or rows
+    slots = sampling.round_up(min(requested, rows), run.sampler.row_multiple)
+    width = sampling.round_up(rcfg.max_prompt_length, 16)
+    obs = sampling.round_up(max(rcfg.max_obs_length, len(rcfg.invalid_action_message)), 16)
+    return dict(rows=rows, slots=slots, block_rows=sampling.bucket(slots, 1), waves=math.ceil(rows / slots),
+                prompt_width=width, max_len=rcfg.cache_length(width), obs_width=obs, turns=rcfg.num_turns,
+                max_new=rcfg.max_response_length, chunk=min(rcfg.decode_chunk, rcfg.max_response_length), cfg=rcfg)
 
 
 def update_width(run: AbstractRun) -> int:
@@ -65,61 +64,44 @@ def update_width(run: AbstractRun) -> int:
     return update_lib.pack_width(min(s["max_len"], s["cfg"].context_length(s["prompt_width"])))
 
 
-def gen_state(run: AbstractRun, batch: int, max_len: int):
-    """The sampler's GenState as its prefill lays it out (sampling.Sampler._constrain)."""
-    cfg, mesh = run.model_cfg, run.mesh
-    heads = "tensor" if cfg.num_kv_heads % mesh.shape["tensor"] == 0 else None
-    kv = NamedSharding(mesh, P(shd.BATCH_AXES, heads, None, None))
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    cache = KVCache(
-        k=tuple(_sds(shape, cfg.dtype, kv) for _ in range(cfg.num_layers)),
-        v=tuple(_sds(shape, cfg.dtype, kv) for _ in range(cfg.num_layers)),
-        valid=_sds((batch, max_len), bool, NamedSharding(mesh, P(shd.BATCH_AXES, None))),
-        index=_sds((), jnp.int32, NamedSharding(mesh, P())),
-        next_pos=_sds((batch,), jnp.int32, NamedSharding(mesh, P(shd.BATCH_AXES))),
-    )
-    logits = _sds((batch, cfg.vocab_size), jnp.float32, NamedSharding(mesh, P(shd.BATCH_AXES, None)))
-    return sampling.GenState(cache, logits)
+def _on_mesh(args, mesh):
+    """Gives every argument without a sharding its layout on the mesh: batch-major arrays split
+    over (data, fsdp), scalars (and the RNG key) replicated."""
+    def place(x):
+        if not isinstance(x, jax.ShapeDtypeStruct) or x.sharding is not None:
+            return x
+        spec = shd.batch_spec(x.ndim) if x.ndim else P()
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+
+    return jax.tree.map(place, args)
 
 
-def _sampler_calls(run: AbstractRun, phase: str, rows_batch: int, calls: float, greedy: bool,
-                   shapes: dict, extra: tuple[str, ...]) -> list[Call]:
-    """prefill, decode and append of one rollout (or evaluation) batch."""
-    mesh, smp = run.mesh, run.sampler
-    b, width, max_len = rows_batch, shapes["prompt_width"], shapes["max_len"]
-    rows2 = NamedSharding(mesh, shd.batch_spec(2))
-    rows1 = NamedSharding(mesh, shd.batch_spec(1))
-    rep = NamedSharding(mesh, P())
-    gen = gen_state(run, b, max_len)
-    rcfg = shapes["cfg"]
-    fns = smp_functions(smp)
+def _sampler_calls(run: AbstractRun, phase: str, calls: float, greedy: bool, shapes: dict,
+                   extra: tuple[str, ...]) -> list[Call]:
+    """refill, decode and append of the slot engine for one rollout (or evaluation) batch, at the
+    worst case: every episode takes every turn at full length and every observation is full."""
+    smp, rcfg = run.sampler, shapes["cfg"]
+    S, L, K = shapes["slots"], shapes["max_len"], shapes["chunk"]
+    samp = sampling.SamplingParams(temperature=rcfg.temperature, top_p=rcfg.top_p, top_k=rcfg.top_k, greedy=greedy)
+    waves = shapes["waves"]
+
+    def call(name, cname, count, note, loop_iters=1, **kw):
+        fn, args, static = smp.abstract_call(name, run.params, rows=S, length=L, sampling=samp, **kw)
+        return Call(f"{phase}/{cname}", phase, fn, _on_mesh(args, run.mesh), static, calls * count,
+                    loop_iters=loop_iters, resident_extra=extra, note=note)
+
+    decode_calls = waves * shapes["turns"] * math.ceil(shapes["max_new"] / K)
     out = [
-        Call(f"{phase}/prefill", phase, fns["prefill"],
-             (run.params, _sds((b, width), jnp.int32, rows2), _sds((b, width), bool, rows2)),
-             {"max_len": max_len}, calls, resident_extra=extra,
-             note=f"{b} rows x {width} prompt tokens into a {max_len}-slot cache"),
-        Call(f"{phase}/decode", phase, fns["decode"],
-             (run.params, gen, jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep),
-              _sds((b,), bool, rows1), _sds((b,), jnp.int32, rows1), _sds((), jnp.float32, rep),
-              _sds((), jnp.float32, rep)),
-             dict(max_new=shapes["max_new"], greedy=greedy, top_k=rcfg.top_k, use_top_p=rcfg.top_p < 1.0,
-                  attend_len=max_len),
-             calls * shapes["turns"], loop_iters=shapes["max_new"], resident_extra=extra,
-             note=f"{b} rows, {shapes['max_new']} tokens per turn, {shapes['turns']} turns"),
+        call("refill", "prefill", waves, f"{shapes['block_rows']} rows x {shapes['prompt_width']} prompt tokens into "
+             f"{S} slots of {L} positions", block=shapes["prompt_width"], block_rows=shapes["block_rows"]),
+        call("decode", "decode", decode_calls, f"{S} slots, chunks of {K} steps, {shapes['max_new']} tokens x "
+             f"{shapes['turns']} turns per episode", loop_iters=K, chunk=K),
     ]
     if shapes["turns"] > 1:
-        ow = shapes["obs_width"]
-        out.append(Call(f"{phase}/append", phase, fns["append"],
-                        (run.params, gen, _sds((b, ow), jnp.int32, rows2), _sds((b, ow), bool, rows2)),
-                        {"attend_len": max_len}, calls * (shapes["turns"] - 1), resident_extra=extra,
-                        note=f"{b} rows x {ow} observation tokens"))
+        out.append(call("append", "append", waves * (shapes["turns"] - 1),
+                        f"{shapes['block_rows']} rows x {shapes['obs_width']} observation tokens",
+                        block=shapes["obs_width"], block_rows=shapes["block_rows"]))
     return out
-
-
-def smp_functions(smp: sampling.Sampler) -> dict:
-    """The sampler's three jitted functions. sampling.Sampler has no public handle on them yet (its
-    public methods take concrete arrays), so this is the one place the planner reaches inside it."""
-    return {"prefill": smp._prefill, "append": smp._append, "decode": smp._decode}
 
 
 def step_calls(run: AbstractRun) -> list[Call]:
@@ -129,8 +111,7 @@ def step_calls(run: AbstractRun) -> list[Call]:
     rows2 = NamedSharding(mesh, shd.batch_spec(2))
     width = update_width(run)
     resident = ("opt_state",) + (("ref_params",) if run.ref_params is not None else ())
-    calls = _sampler_calls(run, "rollout", shapes["batch"], shapes["waves"], bool(c.rollout.greedy), shapes,
-                           resident)
+    calls = _sampler_calls(run, "rollout", 1, bool(c.rollout.greedy), shapes, resident)
 
     # Reference and old logprobs over all the step's rows (train.Trainer.step), padded to the mesh.
     rows = shapes["rows"]
@@ -149,7 +130,8 @@ def step_calls(run: AbstractRun) -> list[Call]:
     if run.ref_params is not None:
         batch["ref_logp"] = f32()
     num_micro = mb // c.micro_batch if mb % c.micro_batch == 0 else 1
-    calls.append(Call("update/step", "update", upd["update"], (run.params, run.opt_state, batch), {},
+    lr = _sds((), jnp.float32, NamedSharding(mesh, P()))  # the step's learning rate (issue 12)
+    calls.append(Call("update/step", "update", upd["update"], (run.params, run.opt_state, batch, lr), {},
                       c.ppo_epochs * rows / mb, loop_iters=num_micro,
                       resident_extra=("ref_params",) if run.ref_params is not None else (),
                       note=f"{mb} rows x {width} tokens, {num_micro} micro-batches of {c.micro_batch}"))
@@ -158,11 +140,11 @@ def step_calls(run: AbstractRun) -> list[Call]:
         sb = c.warmstart.batch_size
         sft = {"tokens": _sds((sb, width), jnp.int32, rows2), "valid": _sds((sb, width), bool, rows2),
                "loss_mask": _sds((sb, width), jnp.float32, rows2)}
-        calls.append(Call("warmstart/sft", "warmstart", upd["sft"], (run.params, run.opt_state, sft), {}, 0.0,
+        calls.append(Call("warmstart/sft", "warmstart", upd["sft"], (run.params, run.opt_state, sft, lr), {}, 0.0,
                           note=f"{sb} rows x {width} tokens; {c.warmstart.steps} steps once before training"))
 
     if c.eval.every:
-        eb = sampling.bucket(c.eval.batch_size, run.sampler.row_multiple)
         per_eval = math.ceil(c.eval.max_examples / c.eval.batch_size)
-        calls += _sampler_calls(run, "eval", eb, per_eval / c.eval.every, True, shapes, resident)
+        calls += _sampler_calls(run, "eval", per_eval / c.eval.every, True, rollout_shapes(run, c.eval.batch_size),
+                                resident)
     return calls
