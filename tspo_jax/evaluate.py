@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import app
 
 from tspo_jax import evaluation, run_flags
 from tspo_jax.runtime import Runtime
 
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the latest)")
+_STEP = run_flags.STEP
 
 
 def evaluate(config, checkpoint_or_workdir: str, step: int | None = None) -> tuple[Runtime, dict]:

@@ -12,10 +12,11 @@ import logging
 
 from absl import app, flags
 
+from tspo_jax import run_flags
 from tspo_jax.policy import EXPORT_DTYPES, export_workdir
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (holds policy_config.json and checkpoints/)")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step to export (default: the latest)")
+_WORKDIR = run_flags.WORKDIR  # the training workdir (policy_config.json and checkpoints/), shared flag
+_STEP = run_flags.STEP
 _OUT = flags.DEFINE_string("out", None, "output directory for the HF checkpoint")
 _DTYPE = flags.DEFINE_enum("dtype", None, list(EXPORT_DTYPES), "weight dtype (default: the trained param_dtype)")
 

@@ -24,9 +24,8 @@ import time
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
-from tspo_jax import xla_flags
+from tspo_jax import run_flags, xla_flags
 from tspo_jax.planner import abstract, analyse, calls as calls_lib, hardware, report
 
 log = logging.getLogger("tspo_jax.plan")
@@ -128,8 +127,7 @@ def verdict(res: dict) -> list[str]:
     return lines
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "training config, configs/NAME.py[:MESH]",
-                                          lock_config=True)
+_CONFIG = run_flags.CONFIG  # the one --config flag (configs/NAME.py[:MESH]) every entry point shares
 _TOPOLOGY = flags.DEFINE_string("topology", None, "v4-32, v5e-64, v5p-N, v6e-N, host or gpu8xh100; default: "
                                 "the slice the config's mesh name says (tpu_v5e_64 -> v5e-64)")
 _OUT = flags.DEFINE_string("out", "", "write FILE.json and FILE.md (markdown) here")

@@ -11,6 +11,7 @@ from ml_collections import config_flags
 CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/NAME.py)",
                                          lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and plots")
+STEP = flags.DEFINE_integer("step", None, "checkpoint step to read (evaluate, export; default: the latest)")
 
 
 def setup_logging() -> None:
