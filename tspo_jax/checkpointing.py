@@ -85,14 +85,17 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self._read(step, ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                       meta=ocp.args.JsonRestore()))
+        return restored["state"], restored["meta"]
+
+    def _read(self, step: int, args):
+        """manager.restore of one step; any failure is a CheckpointError naming the step and cause."""
         try:
-            restored = self.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                              meta=ocp.args.JsonRestore()))
+            return self.manager.restore(step, args=args)
         except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types; all mean unreadable
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} is unreadable ({restore_error_reason(e)})") from e
-        return restored["state"], restored["meta"]
 
     def restore_latest_intact(self, abstract_state: Any, *, fallback: bool = True) -> tuple[int, Any, dict] | None:
         """(step, state, meta) of the newest step that reads back, or None without checkpoints.
@@ -138,12 +141,8 @@ class Checkpointer:
         if step not in self.manager.all_steps():
             raise FileNotFoundError(f"{self.directory} has no checkpoint of step {step}; it holds {self.all_steps()}")
         target = {"params": abstract_params}
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
-        except Exception as e:  # noqa: BLE001 - see restore()
-            raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} is unreadable ({restore_error_reason(e)})") from e
+        restored = self._read(step, ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
         return restored["state"]["params"], step
 
     def close(self):
