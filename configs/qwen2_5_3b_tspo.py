@@ -182,6 +182,10 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
             # multiple of the batch devices of every mesh above. `python -m tspo_jax.plan` checks it.
             slots=640,
             decode_chunk=64,  # most decode steps per compiled call before the host looks again
+            # Prompts (up to 2,048 tokens) and observations go into the slots 128 rows per call: a
+            # refill of all 640 slots at once needs 36.6 GiB per v5e chip for its activations
+            # (python -m tspo_jax.plan, docs/POD_PLAN.md).
+            fill_rows=128,
             on_retriever_error="raise",  # a dead retriever stops the run; rerun resumes
             # Search-R1's instruction (nq_search.py's 'base' prefix); used for question-only files
             # (--config.data.prompt_source=template) and by generate/compare on this workdir.

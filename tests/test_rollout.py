@@ -244,6 +244,9 @@ def test_slots_greedy_equal_lockstep_and_reprefill_with_refill(tok, retriever):
     runners, state = _runners(tok, retriever, SEARCH_TURN, {
         "slots": dict(slots=3, decode_chunk=5),
         "slots_reprefill": dict(slots=3, decode_chunk=7, resume="reprefill"),
+        # Refills and appends one row per call, and 2 rows per call: the same episodes.
+        "fill1": dict(slots=3, decode_chunk=5, fill_rows=1),
+        "fill2": dict(slots=4, decode_chunk=5, fill_rows=2),
         "lockstep": dict(engine="lockstep"),
         "lockstep_reprefill": dict(engine="lockstep", resume="reprefill"),
     }, max_turns=3)
@@ -251,7 +254,7 @@ def test_slots_greedy_equal_lockstep_and_reprefill_with_refill(tok, retriever):
     ref = got["lockstep"]
     assert {e.stop_reason for e in ref} == {"answer", "max_turns"}
     assert max(e.num_turns for e in ref) == 4 and min(e.num_turns for e in ref) == 1
-    for name in ("slots", "slots_reprefill", "lockstep_reprefill"):
+    for name in ("slots", "slots_reprefill", "fill1", "fill2", "lockstep_reprefill"):
         _same_episodes(got[name], ref)
     st = runners["slots"].stats
     assert st["cache_rows"] == 3 and runners["lockstep"].stats["cache_rows"] == 10
@@ -310,7 +313,20 @@ def test_abstract_calls_lower_without_weights_or_data(tok, retriever):
         smp.abstract_call("score", shapes, rows=6, length=160)
 
 
+@pytest.mark.parametrize("rows, fill_rows, expect", [
+    (10, 0, [(0, 10, 16)]),  # all at once, padded to a power of two
+    (10, 4, [(0, 4, 4), (4, 8, 4), (8, 10, 2)]),
+    (5, 3, [(0, 3, 3), (3, 5, 2)]),  # never padded past fill_rows (3, not 4)
+    (640, 128, [(a, a + 128, 128) for a in range(0, 640, 128)]),
+    (1, 128, [(0, 1, 1)]),
+])
+def test_fill_calls_split_and_pad(rows, fill_rows, expect):
+    assert rollout.fill_calls(rows, fill_rows) == expect
+
+
 def test_bad_slot_settings():
+    with pytest.raises(ValueError, match="fill_rows must be"):
+        rollout.RolloutConfig(fill_rows=-1)
     with pytest.raises(ValueError, match="decode_chunk must be"):
         rollout.RolloutConfig(decode_chunk=0)
     with pytest.raises(ValueError, match="slots must be"):

@@ -96,6 +96,10 @@ class RolloutConfig:
     engine: str = "slots"  # "slots" (bounded decode slots, refilled) or "lockstep" (all rows per turn)
     slots: int = 0  # decode slots of the slot engine; 0 = one per row of the step
     decode_chunk: int = 64  # most decode steps per compiled call before the host looks again
+    # Most rows one refill (prompts) or append (observations) call takes; more are split into
+    # several calls. 0: all slots at once. A refill's activations grow with its rows x width, so at
+    # a 2,048-token prompt this, not the KV cache, sets the rollout's peak memory (tspo_jax.plan).
+    fill_rows: int = 0
     on_retriever_error: str = "raise"  # "raise" or "observe" (the error text becomes the observation)
     template: str = DEFAULT_TEMPLATE  # text with {question}, or a PROMPT_PRESETS name
     use_chat_template: bool = True
@@ -113,6 +117,9 @@ class RolloutConfig:
             raise ValueError(f"engine must be 'slots' or 'lockstep', got {self.engine!r}")
         if not isinstance(self.slots, int) or self.slots < 0:
             raise ValueError(f"slots must be an int >= 0 (0: one slot per row), got {self.slots!r}")
+        if not isinstance(self.fill_rows, int) or self.fill_rows < 0:
+            raise ValueError(f"fill_rows must be an int >= 0 (rows per refill/append call; 0: all slots), got "
+                             f"{self.fill_rows!r}")
         if not isinstance(self.decode_chunk, int) or self.decode_chunk < 1:
             raise ValueError(f"decode_chunk must be an int >= 1 (decode steps per compiled call), got "
                              f"{self.decode_chunk!r}")
@@ -188,6 +195,18 @@ class Episode:
     @property
     def num_turns(self) -> int:
         return len(self.turns)
+
+
+def fill_calls(rows: int, fill_rows: int) -> list[tuple[int, int, int]]:
+    """How the slot engine splits `rows` refills or appends into compiled calls: [(start, end,
+    padded rows)], at most fill_rows rows each (0: all in one), padded to the next power of two
+    (few distinct shapes to compile) but never past fill_rows."""
+    step = fill_rows or rows
+    calls = []
+    for a in range(0, rows, step):
+        padded = sampling.bucket(min(step, rows - a), 1)
+        calls.append((a, min(a + step, rows), min(padded, fill_rows) if fill_rows else padded))
+    return calls
 
 
 def build_prompt(tokenizer, question: str | Sequence[dict], cfg: RolloutConfig) -> list[int]:
@@ -421,16 +440,23 @@ class EpisodeRunner:
         buf: dict[int, tuple[list[int], list[float]]] = {}  # current turn's tokens per slot
         waiting = list(range(rows))
 
+        def blocks(slots, seqs):
+            """(slot ids, tokens, valid) per compiled call: at most cfg.fill_rows rows each, padded
+            rows and width; padding rows go to an id past the last slot, so their writes drop."""
+            for a, b, r in fill_calls(len(slots), cfg.fill_rows):
+                width = sampling.round_up(max(len(x) for x in seqs[a:b]), 16)
+                toks, valid = sampling.right_pad(seqs[a:b], width, smp.pad_id, num_rows=r)
+                ids = np.full(r, num, np.int32)
+                ids[: b - a] = slots[a:b]
+                yield ids, toks, valid
+
         def fill(gen, slots, seqs):
-            """Prefills seqs into slots (one compiled call, padded rows and width)."""
-            r = sampling.bucket(len(slots), 1)
-            width = sampling.round_up(max(len(x) for x in seqs), 16)
-            toks, valid = sampling.right_pad(seqs, width, smp.pad_id, num_rows=r)
-            ids = np.full(r, num, np.int32)  # padding rows go to an id past the last slot: dropped
-            ids[: len(slots)] = slots
+            """Prefills seqs into slots."""
             for s, x in zip(slots, seqs):
                 lengths[s] = len(x)
-            return smp.refill(params, gen, ids, toks, valid)
+            for ids, toks, valid in blocks(slots, seqs):
+                gen = smp.refill(params, gen, ids, toks, valid)
+            return gen
 
         while True:
             free = np.flatnonzero(slot_ep < 0)[: len(waiting)]
@@ -489,12 +515,8 @@ class EpisodeRunner:
             if cfg.resume == "reprefill":
                 gen = fill(gen, slots, [episodes[i].tokens for i in resume])
                 continue
-            r = sampling.bucket(len(slots), 1)
-            width = sampling.round_up(max(len(obs[i]) for i in resume), 16)
-            toks, valid = sampling.right_pad([obs[i] for i in resume], width, smp.pad_id, num_rows=r)
-            ids = np.full(r, num, np.int32)
-            ids[: len(slots)] = slots
-            gen = smp.append(params, gen, toks, valid, ids, lengths=lengths)
+            for ids, toks, valid in blocks(slots, [obs[i] for i in resume]):
+                gen = smp.append(params, gen, toks, valid, ids, lengths=lengths)
             for i, s in zip(resume, slots):
                 lengths[s] += len(obs[i])
 

@@ -42,8 +42,9 @@ def _sds(shape, dtype, sharding):
 
 def rollout_shapes(run: AbstractRun, rows: int | None = None) -> dict:
     """Slots, prompt width, cache length and block widths the slot engine compiles for
-    (rollout.EpisodeRunner._run_slots): S slots, each refill or append block padded to the next
-    power of two of the slots that take part (worst case: all S), widths to multiples of 16."""
+    (rollout.EpisodeRunner._run_slots): S slots, refills and appends in calls of at most
+    rollout.fill_rows rows (rollout.fill_calls; worst case: all S slots at once), widths to
+    multiples of 16."""
     c = run.config
     known = {f.name for f in dataclasses.fields(rollout.RolloutConfig)}
     rcfg = rollout.RolloutConfig(**{k: v for k, v in c.rollout.to_dict().items() if k in known})
@@ -52,7 +53,8 @@ def rollout_shapes(run: AbstractRun, rows: int | None = None) -> dict:
     slots = sampling.round_up(min(requested, rows), run.sampler.row_multiple)
     width = sampling.round_up(rcfg.max_prompt_length, 16)
     obs = sampling.round_up(max(rcfg.max_obs_length, len(rcfg.invalid_action_message)), 16)
-    return dict(rows=rows, slots=slots, block_rows=sampling.bucket(slots, 1), waves=math.ceil(rows / slots),
+    fills = rollout.fill_calls(slots, rcfg.fill_rows)
+    return dict(rows=rows, slots=slots, block_rows=fills[0][2], fills_per_wave=len(fills), waves=math.ceil(rows / slots),
                 prompt_width=width, max_len=rcfg.cache_length(width), obs_width=obs, turns=rcfg.num_turns,
                 max_new=rcfg.max_response_length, chunk=min(rcfg.decode_chunk, rcfg.max_response_length), cfg=rcfg)
 
@@ -92,13 +94,13 @@ def _sampler_calls(run: AbstractRun, phase: str, calls: float, greedy: bool, sha
 
     decode_calls = waves * shapes["turns"] * math.ceil(shapes["max_new"] / K)
     out = [
-        call("refill", "prefill", waves, f"{shapes['block_rows']} rows x {shapes['prompt_width']} prompt tokens into "
+        call("refill", "prefill", waves * shapes["fills_per_wave"], f"{shapes['block_rows']} rows x {shapes['prompt_width']} prompt tokens into "
              f"{S} slots of {L} positions", block=shapes["prompt_width"], block_rows=shapes["block_rows"]),
         call("decode", "decode", decode_calls, f"{S} slots, chunks of {K} steps, {shapes['max_new']} tokens x "
              f"{shapes['turns']} turns per episode", loop_iters=K, chunk=K),
     ]
     if shapes["turns"] > 1:
-        out.append(call("append", "append", waves * (shapes["turns"] - 1),
+        out.append(call("append", "append", waves * shapes["fills_per_wave"] * (shapes["turns"] - 1),
                         f"{shapes['block_rows']} rows x {shapes['obs_width']} observation tokens",
                         block=shapes["obs_width"], block_rows=shapes["block_rows"]))
     return out
