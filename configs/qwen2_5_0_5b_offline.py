@@ -67,6 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.retriever.timeout_s = 30.0
 
     c.rollout.max_turns = 2
+    c.rollout.gather_params = False  # one fsdp shard and fp32 compute: the copy would only cost 2 GB of RAM
+    c.rollout.fill_rows = 0  # 16 rows: one refill call
     c.rollout.slots = 0  # one slot per row: 16 rows, on any number of devices
     c.rollout.max_response_length = 128
     c.rollout.max_obs_length = 256

@@ -45,6 +45,11 @@ MESHES = {
 DEFAULT_MESH = "gpu8"
 # micro_batch on the TPU meshes: 16 = one row per batch device (data x fsdp = 16 on both).
 TPU_MICRO_BATCH = {"tpu_v4_32": 16, "tpu_v5e_64": 16}
+# Rollout memory per TPU mesh (python -m tspo_jax.plan, docs/POD_PLAN.md). On tpu_v5e_64, 3B's 2 KV
+# heads cannot split over tensor=4, so every chip of a tensor group holds its rows' whole cache:
+# 512 slots (5 waves of the 2,560 rows) instead of 640 keep the cache at 5.1 GiB of a 15.75 GiB chip.
+# Refills and appends go 64 rows per call: a 128-row refill of 2,048-token prompts peaks at 94%.
+TPU_ROLLOUT = {"tpu_v4_32": dict(slots=640, fill_rows=64), "tpu_v5e_64": dict(slots=512, fill_rows=64)}
 
 # Environment variables the Search-R1-scale configs read when loaded.
 MODEL_DIR_ENV = "TSPO_MODEL_DIR"
@@ -54,14 +59,15 @@ DEFAULT_DATA_DIR = "~/data/nq_hotpotqa_train"  # where Search-R1's data scripts 
 DEFAULT_RETRIEVER_URL = "http://127.0.0.1:8000"  # launch/retriever_server.sh's default port
 
 
-def mesh_shape(arg: str) -> tuple[int, int, int]:
+def mesh_shape(arg: str, meshes: dict | None = None) -> tuple[int, int, int]:
+    meshes = MESHES if meshes is None else meshes
     name = arg or DEFAULT_MESH
-    if name not in MESHES:
+    if name not in meshes:
         raise ValueError(
-            f"unknown mesh {name!r} after ':' in --config; choose one of {sorted(MESHES)}, "
+            f"unknown mesh {name!r} after ':' in --config; choose one of {sorted(meshes)}, "
             f"e.g. --config=configs/qwen2_5_3b_tspo.py:{DEFAULT_MESH}"
         )
-    return MESHES[name]
+    return meshes[name]
 
 
 def checkpoint_from_env(hf_name: str) -> str:
@@ -95,8 +101,14 @@ def arch_of(preset: str | qwen2.Qwen2Config) -> ml_collections.ConfigDict:
     )
 
 
-def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int) -> ml_collections.ConfigDict:
-    """Search-R1's GRPO recipe (train_grpo.sh) with the TSPO advantage, same keys as configs/demo.py."""
+def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int, meshes: dict | None = None,
+                     tpu_micro_batch: dict | None = None, tpu_rollout: dict | None = None) -> ml_collections.ConfigDict:
+    """Search-R1's GRPO recipe (train_grpo.sh) with the TSPO advantage, same keys as configs/demo.py.
+    `meshes`, `tpu_micro_batch`, `tpu_rollout`: a model's own mesh table and per-mesh settings
+    (default: this file's, for 3B)."""
+    meshes = MESHES if meshes is None else meshes
+    tpu_micro_batch = TPU_MICRO_BATCH if tpu_micro_batch is None else tpu_micro_batch
+    tpu_rollout = TPU_ROLLOUT if tpu_rollout is None else tpu_rollout
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 1005  # Search-R1: trainer.total_training_steps=1005
@@ -109,8 +121,8 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
     c.micro_batch = micro_batch
     # On the TPU slices, one row per chip per gradient-accumulation slice: the update's activations
     # at a 4,608-token context are what fills HBM (docs/POD_PLAN.md, python -m tspo_jax.plan).
-    if mesh_arg in TPU_MICRO_BATCH:
-        c.micro_batch = TPU_MICRO_BATCH[mesh_arg]
+    if mesh_arg in tpu_micro_batch:
+        c.micro_batch = tpu_micro_batch[mesh_arg]
     # Rows per slice of the reference / old-logprob forward over the whole step (memory only);
     # None: micro_batch.
     c.logprob_micro_batch = ml_collections.config_dict.placeholder(int)
@@ -124,7 +136,7 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
     c.restore_fallback = True  # an unreadable latest checkpoint: resume from the newest intact one
     c.max_nonfinite_steps = 3  # consecutive steps with skipped non-finite updates before save + stop
     c.progress_bar = True
-    c.mesh = ml_collections.ConfigDict({"shape": mesh_shape(mesh_arg)})
+    c.mesh = ml_collections.ConfigDict({"shape": mesh_shape(mesh_arg, meshes)})
 
     c.model = ml_collections.ConfigDict()
     c.model.checkpoint = checkpoint_from_env(hf_name)
@@ -182,10 +194,13 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
             # multiple of the batch devices of every mesh above. `python -m tspo_jax.plan` checks it.
             slots=640,
             decode_chunk=64,  # most decode steps per compiled call before the host looks again
-            # Prompts (up to 2,048 tokens) and observations go into the slots 128 rows per call: a
-            # refill of all 640 slots at once needs 36.6 GiB per v5e chip for its activations
-            # (python -m tspo_jax.plan, docs/POD_PLAN.md).
+            # Prompts (up to 2,048 tokens) and observations go into the slots at most 128 rows per
+            # call (64 on the TPU meshes, TPU_ROLLOUT): a refill of all 640 slots at once needed
+            # 36.6 GiB per v5e chip (python -m tspo_jax.plan, docs/POD_PLAN.md).
             fill_rows=128,
+            # Decode from a bf16 copy of the params gathered over fsdp, made once per rollout: with
+            # fsdp-sharded fp32 params every decode step all-gathers them (python -m tspo_jax.plan).
+            gather_params=True,
             on_retriever_error="raise",  # a dead retriever stops the run; rerun resumes
             # Search-R1's instruction (nq_search.py's 'base' prefix); used for question-only files
             # (--config.data.prompt_source=template) and by generate/compare on this workdir.
@@ -196,6 +211,9 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int)
             invalid_action_message="search_r1",
         )
     )
+
+    for key, value in tpu_rollout.get(mesh_arg, {}).items():
+        c.rollout[key] = value
 
     c.warmstart = ml_collections.ConfigDict(dict(steps=0, lr=1e-5, batch_size=16, seed=0, from_dir="",
                                                  demonstrations=""))

@@ -48,7 +48,8 @@ def tiny_config(**rollout):
 def test_tiny_config_on_v5e_2x2_compiles_every_function_and_fits():
     res = plan_lib.plan(tiny_config(), "v5e-4")
     names = [f["name"] for f in res["functions"]]
-    assert names == ["rollout/prefill", "rollout/decode", "rollout/append", "reference/logprobs", "update/step"]
+    assert names == ["rollout/prefill", "rollout/decode", "rollout/append", "reference/logprobs", "update/accumulate",
+                     "update/apply"]
     assert res["fits"] and res["target"]["chips"] == 4 and res["target"]["compiled"]
     for f in res["functions"]:
         assert f["compiled"] and 0 < f["peak_bytes"] < res["target"]["usable_bytes"], f
@@ -58,7 +59,7 @@ def test_tiny_config_on_v5e_2x2_compiles_every_function_and_fits():
     assert by["rollout/decode"]["loop_iters"] == 16
     assert by["rollout/decode"]["flops"] == pytest.approx(16 * by["rollout/decode"]["xla_flops"])
     # Parameters are sharded over the 4 fsdp chips: the update gathers them.
-    assert by["update/step"]["collectives"].get("all-gather", 0) > 0
+    assert by["update/accumulate"]["collectives"].get("all-gather", 0) > 0
     step = res["step_s"]
     assert step["total"] == pytest.approx(step["rollout"] + step["reference"] + step["update"])
     assert res["projected_s"]["200_steps"] == pytest.approx(200 * step["total"])
@@ -87,7 +88,7 @@ def test_a_config_that_does_not_fit_exits_nonzero_naming_the_function():
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 1, p.stderr[-2000:]
-    assert "DOES NOT FIT: update/step" in p.stderr and "GiB over" in p.stderr and "micro_batch" in p.stderr
+    assert "DOES NOT FIT: update/accumulate" in p.stderr and "GiB over" in p.stderr and "micro_batch" in p.stderr
 
 
 def test_host_plan_uses_the_cpu_devices_and_ram():
@@ -96,7 +97,7 @@ def test_host_plan_uses_the_cpu_devices_and_ram():
     res = plan_lib.plan(c, "host", only=("update",))
     assert res["target"]["chips"] == 8  # tests/conftest.py's fake devices
     assert res["target"]["usable_bytes"] * 8 == pytest.approx(hardware.host_memory_bytes(), rel=1e-6)
-    assert res["fits"] and [f["name"] for f in res["functions"]] == ["update/step"]
+    assert res["fits"] and [f["name"] for f in res["functions"]] == ["update/accumulate", "update/apply"]
 
 
 def test_unknown_topology_names_the_choices():
@@ -125,3 +126,37 @@ def test_cpu_memory_scheduler_flag_is_added_once_and_a_users_choice_kept(monkeyp
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=true")
     xla_flags.use_memory_scheduler_on_cpu()
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+
+
+def test_projection_scales_each_function_by_its_own_tokens():
+    from tspo_jax.planner import projection
+
+    ln = projection.Lengths.parse("prompt=200,turn=150,turns=3,obs=400,searches=2")
+    assert ln.tokens("episode") == 200 + 450 + 800
+    fns = [  # worst cases: 2,048-token prompts, 5 x 500 response tokens, 4 x 512 observation, 4,608 wide rows
+        dict(phase="rollout", calls_per_step=4, roofline_s=1.0, roofline_xla_s=2.0, tokens="prompt", worst_tokens=2048),
+        dict(phase="rollout", calls_per_step=100, roofline_s=0.5, roofline_xla_s=1.0, tokens="policy", worst_tokens=2500),
+        dict(phase="rollout", calls_per_step=16, roofline_s=0.25, roofline_xla_s=0.5, tokens="observation",
+             worst_tokens=2048),
+        dict(phase="reference", calls_per_step=320, roofline_s=0.1, roofline_xla_s=0.2, tokens="episode",
+             worst_tokens=4608),
+        dict(phase="update", calls_per_step=160, roofline_s=0.3, roofline_xla_s=0.6, tokens="episode",
+             worst_tokens=4608),
+        dict(phase="update", calls_per_step=10, roofline_s=0.01, roofline_xla_s=0.02, tokens="", worst_tokens=0),
+        dict(phase="eval", calls_per_step=0.5, roofline_s=2.0, roofline_xla_s=4.0, tokens="policy", worst_tokens=2500),
+    ]
+    worst = projection.step_seconds(fns)
+    assert worst["rollout"] == pytest.approx(4 + 50 + 4) and worst["reference"] == pytest.approx(32)
+    assert worst["update"] == pytest.approx(48 + 0.1) and worst["eval_amortised"] == pytest.approx(1.0)
+    assert projection.step_seconds(fns, key="roofline_xla_s")["total"] == pytest.approx(2 * worst["total"])
+    real = projection.step_seconds(fns, ln)
+    assert real["rollout"] == pytest.approx(4 * 200 / 2048 + 50 * 450 / 2500 + 4 * 800 / 2048)
+    assert real["reference"] == pytest.approx(32 * 1450 / 4608)
+    assert real["update"] == pytest.approx(48 * 1450 / 4608 + 0.1)  # the Optax step does not shrink
+    # Lengths past the worst case are capped at it (the plan's shapes are the config's limits).
+    assert projection.step_seconds(fns, projection.Lengths(9999, 9999, 9, 9999, 9))["total"] == pytest.approx(
+        worst["total"])
+    for bad in ("prompt=1", "prompt=1,turn=2,turns=3,obs=4,searches=x", "prompt=1,turn=2,turns=3,obs=4,searches=5,x=1",
+                "prompt=-1,turn=2,turns=3,obs=4,searches=5"):
+        with pytest.raises(ValueError, match="lengths"):
+            projection.Lengths.parse(bad)

@@ -289,8 +289,16 @@ def test_slots_on_a_mesh_split_over_batch_devices_and_equal_one_device(tok, retr
     sharded = sampling.Sampler(smp.graphdef, smp.cfg, eos_ids=[tok.eos_id], pad_id=tok.pad_id,
                                stop_strings=rollout.STOP_STRINGS, token_bytes=tok.token_bytes, mesh=mesh)
     runner = rollout.EpisodeRunner(sharded, tok, retriever, _cfg(max_turns=2, slots=4, decode_chunk=6))
-    got = runner.run(jax.device_put(state, shd.state_shardings(state, mesh)), QS, n=2)
+    placed = jax.device_put(state, shd.state_shardings(state, mesh))
+    got = runner.run(placed, QS, n=2)
     _same_episodes(got, expect)
+    # Decoding from a copy gathered over fsdp (kept split over tensor) gives the same episodes.
+    gathered = sharded.gathered(placed)
+    specs = [x.sharding.spec for x in jax.tree.leaves(gathered)]
+    assert not any("fsdp" in str(sp) for sp in specs) and any("tensor" in str(sp) for sp in specs)
+    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(placed))  # there was something to gather
+    runner.cfg = _cfg(max_turns=2, slots=4, decode_chunk=6, gather_params=True)
+    _same_episodes(runner.run(placed, QS, n=2), expect)
     gen = sharded.init_slots(4, 64)
     assert gen.cache.k[0].sharding.spec[0] == shd.BATCH_AXES
     assert gen.cache.k[0].addressable_shards[0].data.shape[0] == 1  # 4 slots over 4 batch devices

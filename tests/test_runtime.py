@@ -55,7 +55,7 @@ def test_abstract_build_has_the_real_shapes_and_shardings(trained):
         assert shapes.context_len > shapes.prompt_len and shapes.vocab_size == rt.model_cfg.vocab_size
         # The updater's jitted functions lower on abstract arguments.
         batch = {k: jax.ShapeDtypeStruct((8, 64), dt) for k, dt in (("tokens", np.int32), ("valid", bool))}
-        lowered = jax.jit(rt.updater.logprobs).lower(rt.params, batch)
+        lowered = rt.updater.jitted["logprobs"].lower(rt.params, batch["tokens"], batch["valid"])
         assert "func.func" in lowered.as_text()
     finally:
         rt.close()

@@ -191,7 +191,8 @@ def test_micro_batch_is_memory_only_for_every_aggregation(agg):
         model, upd, loss_cfg = _setup((2, 2, 2), micro)  # the batch split over 4 devices
         loss_cfg = ml_collections.ConfigDict(loss_cfg.to_dict())
         loss_cfg.agg, loss_cfg.kl_coef, loss_cfg.entropy_coef = agg, 0.01, 0.01
-        upd = dataclasses.replace(upd, loss_cfg=loss_cfg)
+        # Blocks of 8: smaller micro-batches of the length-sorted rows are cut to widths 8, 16, 24.
+        upd = dataclasses.replace(upd, loss_cfg=loss_cfg, pack_block=8)
         params = nnx.state(model, nnx.Param)
         before = [np.asarray(x) for x in jax.tree.leaves(params)]  # params are donated
         new, _, metrics = upd.update(params, upd.tx.init(params), upd.shard(packed))
@@ -206,6 +207,30 @@ def test_micro_batch_is_memory_only_for_every_aggregation(agg):
         for key in ("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/pg_clipfrac", "actor/ratio_max"):
             np.testing.assert_allclose(float(results[micro][1][key]), float(base_metrics[key]), rtol=1e-5,
                                        atol=1e-7, err_msg=f"{agg} {key} micro_batch={micro}")
+
+
+def test_slices_sort_rows_by_length_and_cut_each_to_its_own_width():
+    _, upd, _ = _setup((2, 2, 2), 4)
+    upd = dataclasses.replace(upd, pack_block=8)
+    lengths = np.array([3, 24, 0, 9, 17, 8, 1, 16])
+    valid = np.arange(24)[None, :] < lengths[:, None]
+    got = upd.slices(valid, 4)
+    assert [w for _, w in got] == [24, 8]  # rows 24, 17, 16, 9 then 8, 3, 1, 0 (an empty row)
+    assert [sorted(r.tolist()) for r, _ in got] == [[1, 3, 4, 7], [0, 2, 5, 6]]
+    assert len(upd.slices(valid, 3)) == 1  # 3 does not divide 8 rows: one slice of all
+
+
+def test_logprobs_by_length_slices_equal_one_full_width_forward():
+    """Each row's logprobs do not depend on the slice it went in or the slice's width."""
+    model, upd, _ = _setup((2, 2, 2), 4)
+    packed = _ragged_batch(np.random.RandomState(3))
+    params = nnx.state(model, nnx.Param)
+    full = np.asarray(upd.jitted["logprobs"](params, packed["tokens"], packed["valid"]))
+    got = dataclasses.replace(upd, pack_block=8).logprobs(params, packed)
+    assert got.shape == packed["tokens"].shape and np.all(got[:, 0] == 0)
+    mask = packed["valid"][:, 1:]
+    assert np.abs(full[mask]).min() > 0  # real logprobs, not zeros
+    np.testing.assert_allclose(got[:, 1:][mask], full[mask], atol=1e-5, rtol=0)
 
 
 def test_update_applies_and_reports_the_given_learning_rate():

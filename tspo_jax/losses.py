@@ -158,6 +158,7 @@ def normalizers(mask: jax.Array) -> dict[str, jax.Array]:
         "tokens": mask.sum(),
         "seqs": (mask.sum(axis=-1) > 0).sum().astype(jnp.float32),
         "rows": jnp.asarray(mask.shape[0], jnp.float32),
+        "width": jnp.asarray(mask.shape[1], jnp.float32),
     }
 
 
@@ -176,7 +177,9 @@ def aggregate(values: jax.Array, mask: jax.Array, agg: str, seq_sum_norm_len: in
         seq_means = masked.sum(axis=-1) / jnp.maximum(tokens, 1.0)
         return jnp.where(tokens > 0, seq_means, 0.0).sum() / jnp.maximum(norm["seqs"], 1.0)
     if agg == "seq-sum":
-        length = values.shape[-1] if seq_sum_norm_len is None else seq_sum_norm_len
+        # L: the configured length, else the mini-batch's padded width (a micro-batch may be narrower).
+        width = values.shape[-1] if norm is None or "width" not in norm else norm["width"]
+        length = width if seq_sum_norm_len is None else seq_sum_norm_len
         return masked.sum() / (norm["rows"] * length)
     raise ValueError(f"aggregation {agg!r} is not one of {AGGREGATIONS}.")
 

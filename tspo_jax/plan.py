@@ -1,7 +1,8 @@
 """Does a training config fit its hardware, and how fast can one step be? Compiled, not guessed.
 
   python -m tspo_jax.plan --config=configs/qwen2_5_3b_tspo.py:tpu_v5e_64 --topology=v5e-64 \\
-      [--out=plan.json] [--min_headroom=0.1] [--config.KEY=VALUE ...]
+      [--out=plan.json] [--min_headroom=0.1] [--lengths=prompt=P,turn=R,turns=T,obs=O,searches=S]
+      [--config.KEY=VALUE ...]
 
 Builds what the trainer builds, abstractly (no weights, no data), and compiles every function one
 training step runs for the topology: a TPU slice through libtpu's compiler on this CPU machine
@@ -17,6 +18,7 @@ message names it, says how many GB it is over, and lists the knobs that shrink i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -26,25 +28,27 @@ import jax
 from absl import app, flags
 
 from tspo_jax import run_flags, xla_flags
-from tspo_jax.planner import abstract, analyse, calls as calls_lib, hardware, report
+from tspo_jax.planner import abstract, analyse, calls as calls_lib, hardware, projection, report
 
 log = logging.getLogger("tspo_jax.plan")
 
 KNOBS = {
-    "rollout": "rollout.slots (decode rows at once), rollout.max_context_length, a mesh with more batch "
-               "devices, model.dtype=bfloat16",
-    "eval": "eval.batch_size, rollout.max_context_length",
+    "rollout": "rollout.fill_rows (rows per refill/append call), rollout.slots (decode rows at once), "
+               "rollout.gather_params (off: no gathered copy of the params), rollout.max_context_length, a mesh "
+               "with more batch devices, model.dtype=bfloat16",
+    "eval": "eval.batch_size, rollout.fill_rows, rollout.max_context_length",
     "reference": "logprob_micro_batch (rows per reference/old-logprob slice), loss.logprob_chunk, model.remat",
-    "update": "micro_batch (rows per gradient-accumulation slice), loss.logprob_chunk, model.remat=True, "
+    "update": "micro_batch (rows per gradient micro-batch), loss.logprob_chunk, model.remat=True, "
               "model.attention_chunk, a mesh with more fsdp devices (params and Adam moments)",
     "warmstart": "warmstart.batch_size, model.remat=True",
 }
 
 
 def plan(config, topology: str, min_headroom: float = 0.1, only: tuple[str, ...] = (),
-         slots: int = 0) -> dict:
+         slots: int = 0, lengths: projection.Lengths | None = None) -> dict:
     """Compiles every call of one step for `topology`; returns the JSON-able result. `slots` > 0
-    plans the rollout at that many decode rows (what rollout.slots sets; for configs without it)."""
+    plans the rollout at that many decode rows (what rollout.slots sets; for configs without it).
+    `lengths`: also project the step at these mean episode lengths (the worst case always)."""
     target = hardware.resolve(topology)
     chip = target.chip
     chips = len(target.devices)
@@ -79,12 +83,15 @@ def plan(config, topology: str, min_headroom: float = 0.1, only: tuple[str, ...]
         d["fits"] = a.compiled and a.peak_bytes <= limit
         d["headroom"] = 1.0 - a.peak_bytes / chip.usable_bytes
         functions.append(d)
-    step = {}
-    for a in results:
-        if a.phase in ("rollout", "reference", "update"):
-            step[a.phase] = step.get(a.phase, 0.0) + a.calls_per_step * a.roofline_s
-    eval_s = sum(a.calls_per_step * a.roofline_s for a in results if a.phase == "eval")
-    step_s = sum(step.values())
+    step = projection.step_seconds(functions)
+    step_s, eval_s = step["total"], step["eval_amortised"]
+    at_lengths = None
+    if lengths is not None:
+        st = projection.step_seconds(functions, lengths)
+        per = st["total"] + st["eval_amortised"]
+        at_lengths = {"lengths": dataclasses.asdict(lengths), "episode_tokens": lengths.tokens("episode"),
+                      "step_s": st, "projected_s": {"200_steps": 200 * per, "total_steps": config.total_steps * per},
+                      "step_xla_bytes_s": projection.step_seconds(functions, lengths, "roofline_xla_s")}
     model = run.model_cfg
     return {
         "config": dict(mesh=list(config.mesh.shape), prompts_per_step=config.prompts_per_step,
@@ -104,9 +111,10 @@ def plan(config, topology: str, min_headroom: float = 0.1, only: tuple[str, ...]
         "functions": functions,
         # None: nothing compiled (--only matched nothing), only the resident state is known.
         "fits": all(f["fits"] for f in functions) if functions else None,
-        "step_s": {"rollout": step.get("rollout", 0.0), "reference": step.get("reference", 0.0),
-                   "update": step.get("update", 0.0), "total": step_s, "eval_amortised": eval_s},
+        "step_s": step,
+        "step_xla_bytes_s": projection.step_seconds(functions, key="roofline_xla_s"),
         "projected_s": {"200_steps": 200 * (step_s + eval_s), "total_steps": config.total_steps * (step_s + eval_s)},
+        "at_lengths": at_lengths,
         "jax": jax.__version__,
     }
 
@@ -134,6 +142,8 @@ _OUT = flags.DEFINE_string("out", "", "write FILE.json and FILE.md (markdown) he
 _MIN_HEADROOM = flags.DEFINE_float("min_headroom", 0.1, "fraction of usable HBM to keep free")
 _SLOTS = flags.DEFINE_integer("slots", 0, "plan the rollout at this many decode rows (rollout.slots)")
 _ONLY = flags.DEFINE_list("only", [], "compile only the calls whose names start with these (e.g. update)")
+_LENGTHS = flags.DEFINE_string("lengths", "", "also project the step at these mean episode lengths, e.g. "
+                               "prompt=200,turn=150,turns=3,obs=400,searches=2 (a run's own: its metrics)")
 
 
 def _topology_from_argv() -> str:
@@ -153,7 +163,8 @@ def main(argv):
     if not topology:
         raise app.UsageError("pass --topology=v4-32|v5e-64|v5p-N|v6e-N|host|gpu8xh100")
     t0 = time.perf_counter()
-    res = plan(_CONFIG.value, topology, _MIN_HEADROOM.value, tuple(_ONLY.value), _SLOTS.value)
+    lengths = projection.Lengths.parse(_LENGTHS.value) if _LENGTHS.value else None
+    res = plan(_CONFIG.value, topology, _MIN_HEADROOM.value, tuple(_ONLY.value), _SLOTS.value, lengths)
     res["command"] = " ".join(["python -m tspo_jax.plan", *sys.argv[1:]])
     res["wall_s"] = time.perf_counter() - t0
     md = report.markdown(res)

@@ -100,6 +100,10 @@ class RolloutConfig:
     # several calls. 0: all slots at once. A refill's activations grow with its rows x width, so at
     # a 2,048-token prompt this, not the KV cache, sets the rollout's peak memory (tspo_jax.plan).
     fill_rows: int = 0
+    # Decode from a copy of the params in the compute dtype, gathered over fsdp (still split over
+    # tensor), made once per run: otherwise every decode step all-gathers the fsdp-sharded fp32
+    # weights (tspo_jax.plan: 7 GB of collectives per step for 3B on v5e-64). Costs that copy's memory.
+    gather_params: bool = False
     on_retriever_error: str = "raise"  # "raise" or "observe" (the error text becomes the observation)
     template: str = DEFAULT_TEMPLATE  # text with {question}, or a PROMPT_PRESETS name
     use_chat_template: bool = True
@@ -408,6 +412,8 @@ class EpisodeRunner:
         rng = jax.random.key(seed) if rng is None else rng
         t0 = time.perf_counter()
         if episodes:
+            if cfg.gather_params:
+                params = self.sampler.gathered(params)
             (self._run_slots if cfg.engine == "slots" else self._run_lockstep)(params, episodes, rng)
         for ep in episodes:
             if ep.answer is None:

@@ -183,6 +183,7 @@ class Sampler:
         self._next_state = jnp.asarray(stop_table.next_state)
         self._completes = jnp.asarray(stop_table.completes)
         self.compile_counts: Counter = Counter()
+        self._gather_fns: dict = {}
         self.prefill_fn = jax.jit(self._prefill_impl, static_argnames=("max_len",))
         self.refill_fn = jax.jit(self._refill_impl, donate_argnames=("gen",))
         self._init_fn = jax.jit(self._init_impl, static_argnames=("slots", "max_len"))
@@ -347,6 +348,22 @@ class Sampler:
         return gen, DecodeOut(toks, lps, count - start_count, reason, which, matcher, step, live_steps)
 
     # --- public API -------------------------------------------------------------------------------
+    def gathered(self, params):
+        """`params` cast to the compute dtype and gathered over the fsdp axis (kept split over
+        tensor): what rollout.gather_params decodes from. Works on arrays and on ShapeDtypeStructs
+        (the planner's), laid out the same way."""
+        from tspo_jax.sharding import without_axis
+
+        dtype = self.cfg.jnp_dtype
+        shardings = jax.tree.map(lambda x: without_axis(x.sharding, "fsdp"), params)
+        if isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct):
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s), params, shardings)
+        key = jax.tree.structure(params), tuple(jax.tree.leaves(shardings))
+        if key not in self._gather_fns:
+            self._gather_fns[key] = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
+                                            out_shardings=shardings)
+        return self._gather_fns[key](params)
+
     def prefill(self, params, tokens, valid, max_len: int) -> GenState:
         """A fresh cache of max_len positions for every row, with (left-padded) prompts in it."""
         return self.prefill_fn(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), max_len=max_len)

@@ -102,6 +102,22 @@ def logical_to_spec(
     return P(*spec)
 
 
+def without_axis(sharding: NamedSharding, axis: str) -> NamedSharding:
+    """The same layout with `axis` no longer splitting anything (replicated over it)."""
+    if not isinstance(sharding, NamedSharding):  # one device: nothing to gather
+        return sharding
+
+    def drop(entry):
+        if entry == axis:
+            return None
+        if isinstance(entry, tuple):
+            kept = tuple(a for a in entry if a != axis)
+            return kept[0] if len(kept) == 1 else (kept or None)
+        return entry
+
+    return NamedSharding(sharding.mesh, P(*(drop(e) for e in sharding.spec)))
+
+
 def _is_var(x):
     return isinstance(x, nnx.Variable)
 

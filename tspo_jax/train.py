@@ -114,14 +114,16 @@ class Trainer:
         group_ids = np.asarray([e.group for e in episodes], np.int32)
 
         t0 = time.perf_counter()
-        dev = self.rt.updater.shard(packed)
+        # Host arrays: the updater slices rows by length and shards each slice itself.
+        lp_batch = {"tokens": packed["tokens"], "valid": packed["valid"]}
         if self.ref_params is not None:
-            packed["ref_logp"] = shd.to_host(self.rt.updater.logprobs(self.ref_params, dev))
+            packed["ref_logp"] = self.rt.updater.logprobs(self.ref_params, lp_batch)
         if cfg.recompute_old_logprobs:
-            packed["old_logp"] = shd.to_host(self.rt.updater.logprobs(self.params, dev))
+            packed["old_logp"] = self.rt.updater.logprobs(self.params, lp_batch)
         timing["timing_s/ref"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        dev = self.rt.updater.shard({"turn_ids": packed["turn_ids"], "loss_mask": packed["loss_mask"]})
         token_adv, adv_metrics = adv_lib.compute_advantages(
             cfg.advantage.name, rb.outcome, rb.turn_returns, rb.turn_valid, rb.first_occurrence, group_ids,
             dev["turn_ids"], dev["loss_mask"], num_groups=len(batch), eps=cfg.advantage.eps, correct=rb.em > 0)
@@ -136,7 +138,7 @@ class Trainer:
             perm = order_rng.permutation(num_rows)
             for s in range(0, num_rows, cfg.mini_batch):
                 idx = perm[s : s + cfg.mini_batch]
-                mb = self.rt.updater.shard({k: packed[k][idx] for k in keys})
+                mb = {k: packed[k][idx] for k in keys}
                 # One rate per training step (Search-R1 steps its scheduler per step; step 1 uses schedule(0)).
                 self.params, self.opt_state, m = self.rt.updater.update(self.params, self.opt_state, mb,
                                                                      lr=self.rt.schedule(step - 1))

@@ -3,8 +3,8 @@
 `pack_episodes` turns rollout episodes into right-padded [B, T] arrays without touching the
 token ids. `PolicyUpdater` owns the optimizer and three compiled functions: the per-token
 logprobs of a batch (for the reference policy and, if asked, recomputed old logprobs), the
-update of one mini-batch (gradient accumulation over micro-batches with `lax.scan`, then one
-Optax step), and a supervised step for warm starts. Parameters stay sharded over
+update of one mini-batch (gradients of length-bucketed micro-batches summed on the device, then
+one Optax step), and a supervised step for warm starts. Parameters stay sharded over
 (fsdp, tensor) and batches over (data, fsdp); params and optimizer state are donated.
 """
 
@@ -113,6 +113,14 @@ def _shift(x):
     return x[:, 1:]
 
 
+def host_normalizers(loss_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """losses.normalizers of a whole mini-batch's [B, T] loss mask, on the host (micro-batches are
+    cut to their own widths, so none of them sees the mini-batch's counts or width)."""
+    mask = np.asarray(loss_mask, np.float32)[:, 1:]
+    return {"tokens": np.float32(mask.sum()), "seqs": np.float32((mask.sum(axis=-1) > 0).sum()),
+            "rows": np.float32(mask.shape[0]), "width": np.float32(mask.shape[1])}
+
+
 @dataclasses.dataclass
 class PolicyUpdater:
     graphdef: nnx.GraphDef
@@ -125,14 +133,19 @@ class PolicyUpdater:
     # Rows per forward slice of `logprobs` (reference / old logprobs of the whole step's rows);
     # None: micro_batch. Memory only: the result is the same for any value.
     logprob_micro_batch: int | None = None
+    # Slices of rows are padded to their own longest row, rounded up to this (few compiled widths).
+    pack_block: int = PACK_BLOCK
 
     def __post_init__(self):
         self.loss_cfg = ml_collections.ConfigDict(self.loss_cfg.to_dict())  # frozen copy for tracing
         self._logprobs = jax.jit(self._logprobs_impl)
-        self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
+        self._zeros = jax.jit(self._zeros_impl)
+        self._accumulate = jax.jit(self._accumulate_impl, donate_argnums=(1,))
+        self._apply = jax.jit(self._apply_impl, donate_argnums=(0, 1, 2))
         self._sft = jax.jit(self._sft_impl, donate_argnums=(0, 1))
         # The compiled functions by name, for ahead-of-time lowering (python -m tspo_jax.plan).
-        self.jitted = {"logprobs": self._logprobs, "update": self._update, "sft": self._sft}
+        self.jitted = {"logprobs": self._logprobs, "accumulate": self._accumulate, "apply": self._apply,
+                       "sft": self._sft}
 
     # --- model pieces ---------------------------------------------------------------------------
     def _token_logprobs(self, params, tokens, valid):
@@ -145,59 +158,32 @@ class PolicyUpdater:
         return logp, entropy
 
     def _logprobs_impl(self, params, tokens, valid):
-        # One forward per slice of rows: the activations of a slice, not of every row of
-        # the step, are alive at once.
-        m = self.logprob_micro_batch or self.micro_batch
-        micro = [self._micro_split(x, m) for x in (tokens, valid)]
-        # The params ride in the carry (unchanged) so that each slice merges the model from values
-        # of its own trace level, which nnx.remat requires.
-        _, logp = jax.lax.scan(lambda p, mb: (p, self._token_logprobs(p, *mb)[0]), params, micro)
-        return self._micro_join(logp)
-
-    def _micro_split(self, x, m: int | None = None):
-        """[B, ...] -> [B/m, m, ...] taking every (B/m)-th row, so that each micro-batch still
-        spans all the devices the batch is sharded over (contiguous blocks would serialise them)."""
-        b = x.shape[0]
-        m = m or self.micro_batch
-        m = m if b % m == 0 else b
-        x = x.reshape(m, b // m, *x.shape[1:]).swapaxes(0, 1)
-        spec = P(None, shd.BATCH_AXES, *([None] * (x.ndim - 2)))
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
-
-    def _micro_join(self, x):
-        """The inverse of _micro_split: [B/m, m, ...] -> [B, ...] in the original row order."""
-        x = x.swapaxes(0, 1)
-        x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, shd.batch_spec(x.ndim)))
+        return self._token_logprobs(params, tokens, valid)[0]
 
     # --- RL update --------------------------------------------------------------------------------
-    def _update_impl(self, params, opt_state, batch, lr):
+    @staticmethod
+    def _zeros_impl(params):
+        return {"grads": jax.tree.map(jnp.zeros_like, params), "loss": jnp.zeros((), jnp.float32)}
+
+    def _accumulate_impl(self, params, acc, batch, norm):
+        """acc plus one micro-batch's gradient of its share of the mini-batch loss. Every
+        aggregation divides by the whole mini-batch's counts (`norm`, verl's agg_loss with global
+        token counts), so the summed gradients are the mini-batch's for any split into micro-batches."""
         cfg = self.loss_cfg
-        # Every aggregation divides by the whole mini-batch's counts (verl's agg_loss with global
-        # token counts), so each micro-batch's loss is its share of the mini-batch loss and the
-        # summed gradients are the same for any micro_batch: it trades memory only.
-        norm = losses.normalizers(_shift(batch["loss_mask"]))
 
-        def micro_loss(p, mb):
-            logp, entropy = self._token_logprobs(p, mb["tokens"], mb["valid"])
-            ref = _shift(mb["ref_logp"]) if cfg.kl_coef != 0.0 else None
-            loss, metrics = losses.policy_loss(
-                logp, _shift(mb["old_logp"]), ref, _shift(mb["advantages"]), _shift(mb["loss_mask"]), entropy, cfg,
-                norm=norm)
-            return loss, metrics
+        def micro_loss(p):
+            logp, entropy = self._token_logprobs(p, batch["tokens"], batch["valid"])
+            ref = _shift(batch["ref_logp"]) if cfg.kl_coef != 0.0 else None
+            return losses.policy_loss(
+                logp, _shift(batch["old_logp"]), ref, _shift(batch["advantages"]), _shift(batch["loss_mask"]),
+                entropy, cfg, norm=norm)
 
-        micro = jax.tree.map(self._micro_split, batch)
+        (loss, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(params)
+        return {"grads": jax.tree.map(jnp.add, acc["grads"], grads), "loss": acc["loss"] + loss}, metrics
 
-        def body(acc, mb):
-            (loss, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, mb)
-            acc = jax.tree.map(jnp.add, acc, grads)
-            return acc, (loss, metrics)
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (micro_losses, metrics) = jax.lax.scan(body, zeros, micro)
-        # With mini-batch normalisers the micro-batch values add up to the mini-batch's.
-        metrics = {k: jnp.max(v) if k == "actor/ratio_max" else jnp.sum(v) for k, v in metrics.items()}
-        metrics["actor/grad_norm"] = optax.global_norm(grads)
+    def _apply_impl(self, params, opt_state, acc, lr):
+        grads = acc["grads"]
+        metrics = {"actor/grad_norm": optax.global_norm(grads)}
         if lr is not None:
             opt_state = optax.tree_utils.tree_set(opt_state, learning_rate=lr)
             metrics["actor/lr"] = lr
@@ -205,7 +191,7 @@ class PolicyUpdater:
         new_params = optax.apply_updates(params, updates)
         # A non-finite loss or gradient is never applied: the update is skipped (params and Adam
         # moments stay as they were) and counted; the trainer stops after max_nonfinite_steps.
-        finite = jnp.isfinite(jnp.sum(micro_losses)) & jnp.isfinite(metrics["actor/grad_norm"])
+        finite = jnp.isfinite(acc["loss"]) & jnp.isfinite(metrics["actor/grad_norm"])
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         params = jax.tree.map(keep, new_params, params)
         opt_state = jax.tree.map(keep, new_opt_state, opt_state)
@@ -230,15 +216,54 @@ class PolicyUpdater:
     def shard(self, batch: dict[str, np.ndarray]):
         return shd.shard_batch(batch, self.mesh)
 
-    def logprobs(self, params, batch) -> jax.Array:
-        """[B, T] logprob of each token given the ones before it (column 0 is 0)."""
-        lp = self._logprobs(params, batch["tokens"], batch["valid"])
-        return jnp.pad(lp, ((0, 0), (1, 0)))
+    def slices(self, valid: np.ndarray, rows: int) -> list[tuple[np.ndarray, int]]:
+        """The batch's rows as slices of `rows` rows (all of them if that does not divide the
+        batch or split over the batch devices), longest first, each with its own width: its longest row rounded up to pack_block.
+        Verl (use_remove_padding) saves the padding by packing episodes into rows; bucketing rows by
+        length saves most of it and keeps one episode per row. [(row ids, width), ...]."""
+        valid = np.asarray(valid, bool)
+        b, t = valid.shape
+        lengths = np.where(valid.any(axis=1), t - np.argmax(valid[:, ::-1], axis=1), 0)
+        order = np.argsort(-lengths, kind="stable")
+        # A slice must split evenly over the batch devices, and the slices must cover the batch.
+        m = rows if rows and b % rows == 0 and rows % shd.batch_devices(self.mesh) == 0 else b
+        return [(order[s : s + m], min(pack_width(max(int(lengths[order[s]]), 1), self.pack_block), t))
+                for s in range(0, b, m)]
+
+    def logprobs(self, params, batch) -> np.ndarray:
+        """[B, T] logprob of each token given the ones before it (column 0 is 0), on the host. One
+        forward per slice of logprob_micro_batch rows at the slice's own width (`slices`)."""
+        host = shd.to_host({"tokens": batch["tokens"], "valid": batch["valid"]})
+        out = np.zeros(host["tokens"].shape, np.float32)
+        parts = []
+        for rows, width in self.slices(host["valid"], self.logprob_micro_batch or self.micro_batch):
+            dev = self.shard({k: v[rows, :width] for k, v in host.items()})
+            parts.append((rows, width, self._logprobs(params, dev["tokens"], dev["valid"])))
+        for rows, width, lp in parts:
+            out[rows, 1:width] = shd.to_host(lp)
+        return out
 
     def update(self, params, opt_state, batch, lr=None):
-        """One optimizer update on a mini-batch. With `lr`, the optimizer (built by make_optimizer)
-        applies that rate, and metrics["actor/lr"] reports it."""
-        return self._update(params, opt_state, batch, self._lr_on_mesh(opt_state, lr))
+        """One optimizer update on a mini-batch ([B, T] host or device arrays): gradients of
+        micro-batches of micro_batch rows, bucketed by length (`slices`), summed, then one Optax
+        step. With `lr`, the optimizer (built by make_optimizer) applies that rate, and
+        metrics["actor/lr"] reports it. Metrics come back as host scalars."""
+        host = shd.to_host(dict(batch))
+        norm = shd.put_global(host_normalizers(host["loss_mask"]), NamedSharding(self.mesh, P()))
+        acc = self._zeros(params)
+        micro = []
+        for rows, width in self.slices(host["valid"], self.micro_batch):
+            mb = self.shard({k: v[rows, :width] for k, v in host.items()})
+            acc, m = self._accumulate(params, acc, mb, norm)
+            micro.append(m)
+        params, opt_state, m = self._apply(params, opt_state, acc, self._lr_on_mesh(opt_state, lr))
+        micro, m = jax.device_get((micro, m))
+        # With mini-batch normalisers the micro-batch values add up to the mini-batch's.
+        metrics = {k: np.max([x[k] for x in micro]) if k == "actor/ratio_max" else np.sum([x[k] for x in micro],
+                                                                                          dtype=np.float32)
+                   for k in micro[0]}
+        metrics.update(m)
+        return params, opt_state, metrics
 
     def _lr_on_mesh(self, opt_state, lr):
         if lr is None:

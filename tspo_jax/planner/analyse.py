@@ -1,5 +1,6 @@
 """Compile one call for the target and read what XLA says about it: per-chip memory, FLOPs, bytes,
-collectives, compile time; then its roofline time on the chip.
+collectives, compile time; then its roofline time on the chip (a lower bound from the FLOPs and the
+bytes it must move, and XLA's own byte count beside it).
 
 XLA's cost analysis counts a while-loop body once. The loops the planner knows of are counted here:
 the call's outer loop (decode steps, update micro-batches, logprob slices) multiplies the body, and
@@ -59,8 +60,16 @@ class Analysis:
     flops: float = 0.0  # per chip per call, loops counted
     bytes: float = 0.0
     collectives: dict = dataclasses.field(default_factory=dict)
-    roofline_s: float = 0.0  # per call
+    # Bytes a call cannot avoid moving: each loop iteration reads its arguments once (the decode
+    # step reads the params and the KV cache), plus the outputs not written in place. XLA's
+    # "bytes accessed" counts every fusion's operands (a cache update as the whole cache), so it
+    # is no lower bound; both are reported.
+    bytes_min: float = 0.0
+    roofline_s: float = 0.0  # per call: max(FLOPs / peak, bytes_min / bandwidth), a lower bound
+    roofline_xla_s: float = 0.0  # per call: max(FLOPs / peak, XLA's bytes / bandwidth)
     needed_bytes: int = 0  # when the compiler refused it: what it said it needed
+    tokens: str = ""  # Call.tokens / Call.worst_tokens, for planner.projection
+    worst_tokens: int = 0
 
     @property
     def peak_bytes(self) -> int:
@@ -77,8 +86,13 @@ def lm_head_correction(call: Call, run, chips: int) -> float:
     if call.phase not in ("reference", "update", "warmstart"):
         return 0.0
     cfg, c = run.model_cfg, run.config
-    # logprobs(params, tokens, valid); update / sft(params, opt_state, batch)
-    tokens = call.args[1] if call.phase == "reference" else call.args[2]["tokens"]
+    # logprobs(params, tokens, valid); accumulate(params, acc, batch, norm); sft(params, opt_state, batch)
+    if call.phase == "reference":
+        tokens = call.args[1]
+    elif isinstance(call.args[2], dict) and "tokens" in call.args[2]:
+        tokens = call.args[2]["tokens"]
+    else:  # update/apply: no forward pass
+        return 0.0
     rows, width = tokens.shape
     rows_per_iter = rows / max(call.loop_iters, 1)
     positions = width - 1
@@ -91,7 +105,8 @@ def lm_head_correction(call: Call, run, chips: int) -> float:
 
 
 def compile_call(call: Call, run, chip, chips: int, resident_bytes: dict[str, int]) -> Analysis:
-    a = Analysis(call.name, call.phase, call.note, call.calls_per_step, call.loop_iters, compiled=False)
+    a = Analysis(call.name, call.phase, call.note, call.calls_per_step, call.loop_iters, compiled=False,
+                 tokens=call.tokens, worst_tokens=call.worst_tokens)
     a.resident_extra_bytes = sum(resident_bytes.get(k, 0) for k in call.resident_extra)
     t0 = time.perf_counter()
     try:
@@ -126,5 +141,7 @@ def compile_call(call: Call, run, chip, chips: int, resident_bytes: dict[str, in
     a.flops = iters * (a.xla_flops + lm_head_correction(call, run, chips))
     a.bytes = iters * a.xla_bytes
     a.collectives = collective_bytes(compiled.as_text() or "")
-    a.roofline_s = max(a.flops / chip.bf16_flops, a.bytes / chip.hbm_bandwidth)
+    a.bytes_min = iters * a.argument_bytes + a.output_bytes - a.alias_bytes
+    a.roofline_s = max(a.flops / chip.bf16_flops, a.bytes_min / chip.hbm_bandwidth)
+    a.roofline_xla_s = max(a.flops / chip.bf16_flops, a.bytes / chip.hbm_bandwidth)
     return a

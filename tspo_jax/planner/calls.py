@@ -34,6 +34,11 @@ class Call:
     # Resident arrays the call does not take as arguments but that stay in HBM beside it.
     resident_extra: tuple[str, ...] = ()
     note: str = ""
+    # What its work grows with, per episode, for a projection at real lengths (planner.projection):
+    # "prompt", "policy" (response tokens), "observation", "episode" (all tokens) or "" (fixed);
+    # and how many of those tokens per episode the worst case planned.
+    tokens: str = ""
+    worst_tokens: int = 0
 
 
 def _sds(shape, dtype, sharding):
@@ -86,23 +91,30 @@ def _sampler_calls(run: AbstractRun, phase: str, calls: float, greedy: bool, sha
     S, L, K = shapes["slots"], shapes["max_len"], shapes["chunk"]
     samp = sampling.SamplingParams(temperature=rcfg.temperature, top_p=rcfg.top_p, top_k=rcfg.top_k, greedy=greedy)
     waves = shapes["waves"]
+    params = run.params
+    if rcfg.gather_params:  # decode from a gathered compute-dtype copy; the training params stay resident
+        params, extra = smp.gathered(run.params), extra + ("params",)
 
-    def call(name, cname, count, note, loop_iters=1, **kw):
-        fn, args, static = smp.abstract_call(name, run.params, rows=S, length=L, sampling=samp, **kw)
+    def call(name, cname, count, note, tokens, worst, loop_iters=1, **kw):
+        fn, args, static = smp.abstract_call(name, params, rows=S, length=L, sampling=samp, **kw)
         return Call(f"{phase}/{cname}", phase, fn, _on_mesh(args, run.mesh), static, calls * count,
-                    loop_iters=loop_iters, resident_extra=extra, note=note)
+                    loop_iters=loop_iters, resident_extra=extra, note=note, tokens=tokens, worst_tokens=worst)
 
     decode_calls = waves * shapes["turns"] * math.ceil(shapes["max_new"] / K)
     out = [
         call("refill", "prefill", waves * shapes["fills_per_wave"], f"{shapes['block_rows']} rows x {shapes['prompt_width']} prompt tokens into "
-             f"{S} slots of {L} positions", block=shapes["prompt_width"], block_rows=shapes["block_rows"]),
+             f"{S} slots of {L} positions", "prompt", shapes["prompt_width"], block=shapes["prompt_width"],
+             block_rows=shapes["block_rows"]),
+        # Every slot busy until the last wave: decode steps = rows x response tokens / slots.
         call("decode", "decode", decode_calls, f"{S} slots, chunks of {K} steps, {shapes['max_new']} tokens x "
-             f"{shapes['turns']} turns per episode", loop_iters=K, chunk=K),
+             f"{shapes['turns']} turns per episode", "policy", shapes["turns"] * shapes["max_new"], loop_iters=K,
+             chunk=K),
     ]
     if shapes["turns"] > 1:
         out.append(call("append", "append", waves * shapes["fills_per_wave"] * (shapes["turns"] - 1),
-                        f"{shapes['block_rows']} rows x {shapes['obs_width']} observation tokens",
-                        block=shapes["obs_width"], block_rows=shapes["block_rows"]))
+                        f"{shapes['block_rows']} rows x {shapes['obs_width']} observation tokens", "observation",
+                        (shapes["turns"] - 1) * shapes["obs_width"], block=shapes["obs_width"],
+                        block_rows=shapes["block_rows"]))
     return out
 
 
@@ -115,28 +127,37 @@ def step_calls(run: AbstractRun) -> list[Call]:
     resident = ("opt_state",) + (("ref_params",) if run.ref_params is not None else ())
     calls = _sampler_calls(run, "rollout", 1, bool(c.rollout.greedy), shapes, resident)
 
-    # Reference and old logprobs over all the step's rows (train.Trainer.step), padded to the mesh.
+    # Reference and old logprobs of all the step's rows (train.Trainer.step): one forward per
+    # slice of logprob_micro_batch rows (PolicyUpdater.slices; worst case: every slice at full width).
     rows = shapes["rows"]
-    lp_batch = (_sds((rows, width), jnp.int32, rows2), _sds((rows, width), bool, rows2))
-    n_lp = (1 if run.ref_params is not None else 0) + (1 if c.recompute_old_logprobs else 0)
     m = c.get("logprob_micro_batch") or c.micro_batch
+    m = m if rows % m == 0 else rows
+    lp_args = (run.params, _sds((m, width), jnp.int32, rows2), _sds((m, width), bool, rows2))
+    n_lp = (1 if run.ref_params is not None else 0) + (1 if c.recompute_old_logprobs else 0)
     if n_lp:
-        calls.append(Call("reference/logprobs", "reference", upd["logprobs"], (run.params, *lp_batch), {}, n_lp,
-                          loop_iters=rows // m if rows % m == 0 else 1, resident_extra=resident,
-                          note=f"{rows} rows x {width} tokens, slices of {m} rows"))
+        calls.append(Call("reference/logprobs", "reference", upd["logprobs"], lp_args, {}, n_lp * rows / m,
+                          resident_extra=resident, note=f"{m} rows x {width} tokens per slice, {rows} rows",
+                          tokens="episode", worst_tokens=width))
 
-    mb = c.mini_batch
-    f32 = lambda: _sds((mb, width), jnp.float32, rows2)  # noqa: E731
-    batch = {"tokens": _sds((mb, width), jnp.int32, rows2), "valid": _sds((mb, width), bool, rows2),
+    # The update of one mini-batch: gradients of micro-batches (PolicyUpdater.update), then the step.
+    mb, micro = c.mini_batch, c.micro_batch if c.mini_batch % c.micro_batch == 0 else c.mini_batch
+    f32 = lambda: _sds((micro, width), jnp.float32, rows2)  # noqa: E731
+    batch = {"tokens": _sds((micro, width), jnp.int32, rows2), "valid": _sds((micro, width), bool, rows2),
              "loss_mask": f32(), "old_logp": f32(), "advantages": f32()}
     if run.ref_params is not None:
         batch["ref_logp"] = f32()
-    num_micro = mb // c.micro_batch if mb % c.micro_batch == 0 else 1
-    lr = _sds((), jnp.float32, NamedSharding(mesh, P()))  # the step's learning rate (issue 12)
-    calls.append(Call("update/step", "update", upd["update"], (run.params, run.opt_state, batch, lr), {},
-                      c.ppo_epochs * rows / mb, loop_iters=num_micro,
+    scalar = lambda: _sds((), jnp.float32, NamedSharding(mesh, P()))  # noqa: E731
+    norm = {k: scalar() for k in ("tokens", "seqs", "rows", "width")}
+    acc = {"grads": run.params, "loss": scalar()}  # the gradient accumulator is laid out like the params
+    updates = c.ppo_epochs * rows / mb
+    calls.append(Call("update/accumulate", "update", upd["accumulate"], (run.params, acc, batch, norm), {},
+                      updates * mb / micro, resident_extra=resident,
+                      note=f"{micro} rows x {width} tokens (one micro-batch), {mb // micro} per mini-batch of {mb}",
+                      tokens="episode", worst_tokens=width))
+    lr = scalar()  # the step's learning rate (issue 12)
+    calls.append(Call("update/apply", "update", upd["apply"], (run.params, run.opt_state, acc, lr), {}, updates,
                       resident_extra=("ref_params",) if run.ref_params is not None else (),
-                      note=f"{mb} rows x {width} tokens, {num_micro} micro-batches of {c.micro_batch}"))
+                      note="the Optax step on the summed gradients"))
 
     if c.warmstart.steps:
         sb = c.warmstart.batch_size

@@ -41,8 +41,8 @@ def markdown(res: dict) -> str:
         "",
         _row(["function", "calls/step", "loop iters", "args GiB", "out GiB", "temp GiB", "alias GiB",
               "+resident GiB", "peak GiB/chip", "% usable", "fits", "TFLOP/call/chip", "GB/call/chip",
-              "collective MB/body", "compile s", "roofline s/call", "shape"]),
-        _row(["---"] * 17),
+              "collective MB/body", "compile s", "roofline s/call", "with XLA's bytes s/call", "shape"]),
+        _row(["---"] * 18),
     ]
     for f in res["functions"]:
         coll = sum(f["collectives"].values()) / 1e6
@@ -52,14 +52,29 @@ def markdown(res: dict) -> str:
             _g(f["alias_bytes"]), _g(f["resident_extra_bytes"]), _g(f["peak_bytes"]),
             f"{100 * f['peak_bytes'] / t['usable_bytes']:.0f}%", "yes" if f["fits"] else "**NO**",
             f"{f['flops'] / 1e12:.2f}", f"{f['bytes'] / 1e9:.1f}", f"{coll:.1f}", f"{f['compile_s']:.0f}",
-            f"{f['roofline_s']:.3g}", f["note"]]))
+            f"{f['roofline_s']:.3g}", f"{f.get('roofline_xla_s', 0.0):.3g}", f["note"]]))
     p = res["projected_s"]
     lines += [
         "",
         f"Projected step (roofline, a lower bound from XLA's cost model, not a measurement): "
         f"{_t(st['total'])} = rollout {_t(st['rollout'])} + reference {_t(st['reference'])} + update "
         f"{_t(st['update'])}; evaluation adds {_t(st['eval_amortised'])} per step amortised. "
-        f"200 steps: {_t(p['200_steps'])}; total_steps ({c['total_steps']}): {_t(p['total_steps'])}.",
+        f"200 steps: {_t(p['200_steps'])}; total_steps ({c['total_steps']}): {_t(p['total_steps'])}. "
+        f"With XLA's byte counts instead of the bytes each call must move: "
+        f"{_t(res['step_xla_bytes_s']['total'])} per step.",
+    ]
+    at = res.get("at_lengths")
+    if at:
+        st, p, ln = at["step_s"], at["projected_s"], at["lengths"]
+        lines += [
+            "",
+            f"At mean episode lengths {ln} ({at['episode_tokens']:.0f} tokens; the worst case is "
+            f"{res['shapes']['update_width']}): {_t(st['total'])} = rollout {_t(st['rollout'])} + reference "
+            f"{_t(st['reference'])} + update {_t(st['update'])}; evaluation adds {_t(st['eval_amortised'])}. "
+            f"200 steps: {_t(p['200_steps'])}; total_steps ({c['total_steps']}): {_t(p['total_steps'])}. "
+            f"With XLA's byte counts: {_t(at['step_xla_bytes_s']['total'])} per step.",
+        ]
+    lines += [
         "",
         "Verdict: " + ("nothing compiled: resident state only" if res["fits"] is None else
                        f"{'fits' if res['fits'] else 'DOES NOT FIT'} with {res['min_headroom']:.0%} headroom."),
@@ -71,13 +86,14 @@ def markdown(res: dict) -> str:
 def summary(results: list[dict]) -> str:
     """One row per plan (config x topology): the fit, the largest function, the projected times."""
     lines = [_row(["plan", "chips", "fits", "largest function", "peak GiB/chip", "% usable", "resident GiB/chip",
-                   "step: rollout + reference + update", "200 steps", "1,005 steps"]), _row(["---"] * 10)]
+                   "worst-case step: rollout + reference + update", "200 steps", "1,005 steps",
+                   "step at --lengths", "200 steps at --lengths"]), _row(["---"] * 12)]
     for res in results:
         t, st = res["target"], res["step_s"]
         worst = max(res["functions"], key=lambda f: f["peak_bytes"], default=None)
         if worst is None:
             lines.append(_row([res.get("command", ""), t["chips"], "not compiled", "-", "-", "-",
-                               _g(res["resident_bytes"]["total"]), "-", "-", "-"]))
+                               _g(res["resident_bytes"]["total"]), "-", "-", "-", "-", "-"]))
             continue
         per_step = st["total"] + st["eval_amortised"]
         lines.append(_row([
@@ -86,5 +102,14 @@ def summary(results: list[dict]) -> str:
             _g(worst["peak_bytes"]), f"{100 * worst['peak_bytes'] / t['usable_bytes']:.0f}%",
             _g(res["resident_bytes"]["total"]),
             f"{_t(st['total'])} = {_t(st['rollout'])} + {_t(st['reference'])} + {_t(st['update'])}",
-            _t(200 * per_step), _t(1005 * per_step)]))
+            _t(200 * per_step), _t(1005 * per_step), *_at_lengths(res)]))
     return "\n".join(lines) + "\n"
+
+
+def _at_lengths(res: dict) -> list[str]:
+    at = res.get("at_lengths")
+    if not at:
+        return ["-", "-"]
+    st = at["step_s"]
+    return [f"{_t(st['total'])} = {_t(st['rollout'])} + {_t(st['reference'])} + {_t(st['update'])}",
+            _t(at["projected_s"]["200_steps"])]
