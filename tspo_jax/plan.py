@@ -19,6 +19,7 @@ message names it, says how many GB it is over, and lists the knobs that shrink i
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import sys
@@ -73,8 +74,13 @@ def plan(config, topology: str, min_headroom: float = 0.1, only: tuple[str, ...]
             continue
         log.info("compiling %s (%s) ...", call.name, call.note)
         a = analyse.compile_call(call, run, chip, chips, resident)
-        log.info("  %s: %.1f s, peak %.2f GiB/chip", call.name, a.compile_s, hardware.gib(a.peak_bytes))
+        log.info("  %s: %.1f s, peak %.2f GiB/chip, roofline %.3g s/call", call.name, a.compile_s,
+                 hardware.gib(a.peak_bytes), a.roofline_s)
         results.append(a)
+        # A full-size compile leaves gigabytes of host memory in JAX's caches (the 3B update on
+        # v4-32: 21 GB resident after four functions, and the next compile was OOM-killed).
+        jax.clear_caches()
+        gc.collect()
     limit = (1.0 - min_headroom) * chip.usable_bytes
     functions = []
     for a in results:

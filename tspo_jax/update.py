@@ -248,6 +248,7 @@ class PolicyUpdater:
         micro-batches of micro_batch rows, bucketed by length (`slices`), summed, then one Optax
         step. With `lr`, the optimizer (built by make_optimizer) applies that rate, and
         metrics["actor/lr"] reports it. Metrics come back as host scalars."""
+        lr = self._lr_on_mesh(opt_state, lr)  # a bad optimizer fails here, before any work
         host = shd.to_host(dict(batch))
         norm = shd.put_global(host_normalizers(host["loss_mask"]), NamedSharding(self.mesh, P()))
         acc = self._zeros(params)
@@ -256,7 +257,7 @@ class PolicyUpdater:
             mb = self.shard({k: v[rows, :width] for k, v in host.items()})
             acc, m = self._accumulate(params, acc, mb, norm)
             micro.append(m)
-        params, opt_state, m = self._apply(params, opt_state, acc, self._lr_on_mesh(opt_state, lr))
+        params, opt_state, m = self._apply(params, opt_state, acc, lr)
         micro, m = jax.device_get((micro, m))
         # With mini-batch normalisers the micro-batch values add up to the mini-batch's.
         metrics = {k: np.max([x[k] for x in micro]) if k == "actor/ratio_max" else np.sum([x[k] for x in micro],
