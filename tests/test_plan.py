@@ -64,7 +64,7 @@ def test_tiny_config_on_v5e_2x2_compiles_every_function_and_fits():
     assert step["total"] == pytest.approx(step["rollout"] + step["reference"] + step["update"])
     assert res["projected_s"]["200_steps"] == pytest.approx(200 * step["total"])
     r = res["resident_bytes"]
-    assert r["total"] == r["params"] + r["opt_state"] + r["ref_params"] + r["kv_cache"]
+    assert r["total"] == r["params"] + r["opt_state"] + r["ref_params"] + r["kv_cache"] + r["decode_params"]
     # Two fp32 Adam moments sharded like the params (plus the replicated step count), not replicated.
     assert 2 * r["params"] <= r["opt_state"] <= 2 * r["params"] + 64
 

@@ -68,6 +68,9 @@ def plan(config, topology: str, min_headroom: float = 0.1, only: tuple[str, ...]
                 "ref_params": abstract.per_device_bytes(run.ref_params) if run.ref_params is not None else 0}
     shapes = calls_lib.rollout_shapes(run)
     kv_cache = abstract.per_device_bytes(run.sampler.abstract_cache(shapes["slots"], shapes["max_len"]).cache)
+    # rollout.gather_params: the compute-dtype copy the decode reads, alive during the rollout.
+    decode_copy = (abstract.per_device_bytes(run.sampler.gathered(run.params))
+                   if config.rollout.get("gather_params", False) else 0)
     results = []
     for call in calls_lib.step_calls(run):
         if only and not any(call.name.startswith(o) for o in only):
@@ -112,8 +115,8 @@ def plan(config, topology: str, min_headroom: float = 0.1, only: tuple[str, ...]
                        hbm_bytes=chip.hbm_bytes, bf16_flops=chip.bf16_flops, hbm_bandwidth=chip.hbm_bandwidth,
                        source=chip.source, compiled=target.compiled),
         "min_headroom": min_headroom,
-        "resident_bytes": resident | {"kv_cache": kv_cache,
-                                      "total": sum(resident.values()) + kv_cache},
+        "resident_bytes": resident | {"kv_cache": kv_cache, "decode_params": decode_copy,
+                                      "total": sum(resident.values()) + kv_cache + decode_copy},
         "functions": functions,
         # None: nothing compiled (--only matched nothing), only the resident state is known.
         "fits": all(f["fits"] for f in functions) if functions else None,

@@ -37,7 +37,8 @@ def markdown(res: dict) -> str:
         f", logprob chunk {c['logprob_chunk']}, remat {c['remat']}, decode slots {c['slots'] or 'all rows'}; "
         f"shapes {res['shapes']}",
         f"- Resident per chip: params {_g(r['params'])} + Adam moments {_g(r['opt_state'])} + reference "
-        f"{_g(r['ref_params'])} + KV cache {_g(r['kv_cache'])} = {_g(r['total'])} GiB",
+        f"{_g(r['ref_params'])} + KV cache {_g(r['kv_cache'])} + the decode's gathered params "
+        f"{_g(r.get('decode_params', 0))} = {_g(r['total'])} GiB",
         "",
         _row(["function", "calls/step", "loop iters", "args GiB", "out GiB", "temp GiB", "alias GiB",
               "+resident GiB", "peak GiB/chip", "% usable", "fits", "TFLOP/call/chip", "GB/call/chip",
