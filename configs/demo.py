@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     # 250 steps reach 0.76, with mixed groups for GRPO and all-wrong ones for FOLR.
     # Demonstrations come from the task's own scripted episodes ("module:function").
     c.warmstart = ml_collections.ConfigDict(dict(steps=250, lr=3e-3, batch_size=16, seed=0, from_dir="",
-                                                 demonstrations="tspo_jax.demo_task:demonstrations"))
+                                                 demonstrations="tspo_jax.demo_task:weak_searcher_demonstrations"))
 
     c.reward = rewards.default_config()
     c.advantage = advantages.default_config()  # name = "tspo"
