@@ -2,12 +2,13 @@
 
   python -m tspo_jax.compare --config=configs/demo.py --workdir=runs/compare \
       [--methods=tspo,grpo,tspo_turn] [--seeds=0,1,2,3,4] [--warmstart_seeds=0,1] \
-      [--baseline=grpo] [--warmstart_from=DIR] [--config.KEY=VALUE ...]
+      [--baseline=grpo] [--warmstart_from=DIR] [--summarize_only] [--config.KEY=VALUE ...]
 
 Each warm-start seed's warm start is trained once (`warmstart.seed`, in the first run of that
 seed) and shared by every method and RL seed of it; the runs of one (warm-start seed, RL seed)
 pair share the config, the budget and the prompt stream, and differ only in `advantage.name`.
-Writes one training workdir per run, then:
+Writes one training workdir per run (a rerun resumes unfinished runs and reuses finished ones;
+`--summarize_only` trains nothing and summarizes the finished ones), then:
   comparison.json  every run's numbers, the per-method summary and the paired tests;
   comparison.md    the tables;
   comparison.png   held-out EM, training reward and homogenized-group fraction over steps.
@@ -38,6 +39,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "RL seeds (the sa
 _WS_SEEDS = flags.DEFINE_list("warmstart_seeds", ["0", "1"],
                               "warm-start seeds (warmstart.seed); each warm start is trained once and shared")
 _BASELINE = flags.DEFINE_string("baseline", "grpo", "the method the paired tests compare every other one with")
+_SUMMARIZE_ONLY = flags.DEFINE_bool("summarize_only", False,
+                                    "train nothing: summarize the runs already finished under --workdir")
 _WARMSTART = flags.DEFINE_string("warmstart_from", "",
                                  "reuse this warm start (a run's workdir/warmstart); only with one warm-start seed")
 
@@ -47,13 +50,32 @@ BOOTSTRAP_SEED = 0
 
 
 def run_one(config, workdir: str) -> tuple[list[dict], float]:
+    """Trains (or resumes, or finds finished) one run; its metrics and its wall time, summed over
+    the invocations that trained it (kept in wall_s.json)."""
+    wall_file = os.path.join(workdir, "wall_s.json")
+    before = json.load(open(wall_file)) if os.path.exists(wall_file) else 0.0
     t0 = time.perf_counter()
     trainer = Trainer(config, workdir)
     try:
         trainer.train()
     finally:
         trainer.close()
-    return read_metrics(os.path.join(workdir, "metrics.jsonl")), time.perf_counter() - t0
+    wall = before + time.perf_counter() - t0
+    with open(wall_file, "w") as f:
+        json.dump(wall, f)
+    return read_metrics(os.path.join(workdir, "metrics.jsonl")), wall
+
+
+def finished_run(workdir: str, total_steps: int) -> tuple[list[dict], float] | None:
+    """A run's metrics and wall time if it reached total_steps, else None."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    metrics = read_metrics(path)
+    if not metrics or metrics[-1]["step"] != total_steps:
+        return None
+    wall_file = os.path.join(workdir, "wall_s.json")
+    return metrics, (json.load(open(wall_file)) if os.path.exists(wall_file) else float("nan"))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -248,12 +270,19 @@ def main(argv):
                 # The first run of a warm-start seed trains its warm start into its own workdir;
                 # the others load it from there.
                 config.warmstart.from_dir = shared
-                logging.info("run %s, warm-start seed %d, RL seed %d", method, ws, seed)
-                runs.setdefault(method, {})[(ws, seed)], wall[(method, (ws, seed))] = run_one(config, run_dir)
+                if _SUMMARIZE_ONLY.value:
+                    found = finished_run(run_dir, config.total_steps)
+                    if found is None:
+                        logging.warning("--summarize_only: %s has not finished; left out", run_dir)
+                        continue
+                else:
+                    logging.info("run %s, warm-start seed %d, RL seed %d", method, ws, seed)
+                    found = run_one(config, run_dir)
+                runs.setdefault(method, {})[(ws, seed)], wall[(method, (ws, seed))] = found
                 if not shared and config.warmstart.steps:
                     shared = os.path.join(run_dir, "warmstart")
     summary = summarize(runs, wall, baseline=_BASELINE.value)
-    summary["wall_s_total"] = time.perf_counter() - t_all
+    summary["wall_s_total"] = float(np.nansum(list(wall.values()))) if _SUMMARIZE_ONLY.value else time.perf_counter() - t_all
     summary["protocol"] = {"methods": _METHODS.value, "seeds": _SEEDS.value, "warmstart_seeds": ws_seeds,
                            "baseline": _BASELINE.value, "config": run_flags.CONFIG.value.to_dict()}
     with open(os.path.join(workdir, "comparison.json"), "w") as f:
