@@ -22,6 +22,7 @@ difference (10,000 resamples, fixed seed).
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -244,6 +245,13 @@ def plot(runs: dict[str, dict], out_png: str) -> str:
     return out_png
 
 
+def _existing_warmstart(workdir: str, ws: int) -> str:
+    """The warm start an earlier invocation trained for warm-start seed `ws` (in one of its runs), or ""."""
+    base = os.path.join(workdir, f"ws{ws}")
+    found = sorted(glob.glob(os.path.join(base, "*", "warmstart", "params")))
+    return os.path.dirname(found[0]) if found else ""
+
+
 def main(argv):
     del argv
     run_flags.setup_logging()
@@ -258,7 +266,7 @@ def main(argv):
     wall: dict = {}
     t_all = time.perf_counter()
     for ws in ws_seeds:
-        shared = os.path.abspath(_WARMSTART.value) if _WARMSTART.value else ""
+        shared = os.path.abspath(_WARMSTART.value) if _WARMSTART.value else _existing_warmstart(workdir, ws)
         for seed in [int(s) for s in _SEEDS.value]:
             for method in _METHODS.value:
                 config = run_flags.CONFIG.value.copy_and_resolve_references()
