@@ -289,6 +289,8 @@ def main(argv):
                 runs.setdefault(method, {})[(ws, seed)], wall[(method, (ws, seed))] = found
                 if not shared and config.warmstart.steps:
                     shared = os.path.join(run_dir, "warmstart")
+    if not runs:
+        raise app.UsageError(f"no finished runs under {workdir} for these flags")
     summary = summarize(runs, wall, baseline=_BASELINE.value)
     summary["wall_s_total"] = float(np.nansum(list(wall.values()))) if _SUMMARIZE_ONLY.value else time.perf_counter() - t_all
     summary["protocol"] = {"methods": _METHODS.value, "seeds": _SEEDS.value, "warmstart_seeds": ws_seeds,
