@@ -145,7 +145,7 @@ def test_passes_validate_config_with_stand_ins(name, arg, stand_ins, monkeypatch
         assert c.data.train == str(data_dir / "train.parquet")
         assert c.data.test == str(data_dir / "test.parquet")
         assert c.retriever.spec == "http://10.0.0.7:8123"
-        assert len(data.load_qa(c.data.train)) == 222  # the parquet path is read as Search-R1 data
+        assert len(data.load_qa(c.data.train)) == 262  # the parquet path is read as Search-R1 data
     else:
         c = load(name, arg)
         if not Path(c.model.checkpoint).is_dir():  # CI without the built checkpoint

@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 
 from tspo_jax.data import QAExample, load_qa
-from tspo_jax.demo_task import (OBSERVATION, POLICY, DemonstrationUnavailable, demo_paths,
-                                demonstrations)
+from tspo_jax.demo_task import (OBSERVATION, POLICY, TWO_HOP_MIX, DemonstrationUnavailable,
+                                demo_paths, demonstrations, one_hop_demonstrations,
+                                weak_searcher_demonstrations)
 from tspo_jax.demo_task.generate import generate
 
 TAGS = ("<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>",
         "<information>", "</information>")
 CHATML = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 PERSON_Q = re.compile(r"^In which (city|country) was (\w+ \w+) born\?$")
+CITY_Q = re.compile(r"^In which country is the city of (\w+)\?$")
 
 
 def _normalize(text):
@@ -104,7 +106,7 @@ def test_corpus_format(paths):
 
 
 def test_split_and_mix(passages, examples):
-    people = {split: {PERSON_Q.match(ex.question).group(2) for ex in exs}
+    people = {split: {PERSON_Q.match(ex.question).group(2) for ex in exs if ex.data_source != "demo_city"}
               for split, exs in examples.items()}
     assert not people["train"] & people["test"], "test people must be held out of training"
     assert 180 <= len(people["train"] | people["test"]) <= 220
@@ -112,19 +114,30 @@ def test_split_and_mix(passages, examples):
     assert people["train"] | people["test"] <= set(passages)  # The corpus covers everyone.
 
     everything = examples["train"] + examples["test"]
-    two_hop = sum(ex.data_source == "demo_2hop" for ex in everything) / len(everything)
+    about_people = [ex for ex in everything if ex.data_source != "demo_city"]
+    two_hop = sum(ex.data_source == "demo_2hop" for ex in about_people) / len(about_people)
     assert 0.6 <= two_hop <= 0.8
-    assert {ex.data_source for ex in everything} == {"demo_1hop", "demo_2hop"}
+    assert {ex.data_source for ex in examples["train"]} == {"demo_1hop", "demo_2hop", "demo_city"}
+    assert {ex.data_source for ex in examples["test"]} == {"demo_1hop", "demo_2hop"}
     assert len({ex.uid for ex in everything}) == len(everything)
+    # One city question per city of the corpus, in training only.
+    cities = {t for t, x in passages.items() if re.fullmatch(rf"{re.escape(t)} is a city in \w+\..*", x)}
+    asked = [CITY_Q.match(ex.question).group(1) for ex in examples["train"] if ex.data_source == "demo_city"]
+    assert sorted(asked) == sorted(cities) and len(cities) == 40
 
 
 def test_every_gold_is_reachable_and_first_seen_at_the_right_hop(passages, examples):
     cities = {t for t, x in passages.items()
               if re.fullmatch(rf"{re.escape(t)} is a city in \w+\..*", x)}
     for ex in examples["train"] + examples["test"]:
-        kind, name = PERSON_Q.match(ex.question).groups()
         assert len(ex.golds) == 1
         gold = _normalize(ex.golds[0])
+        if ex.data_source == "demo_city":
+            city = CITY_Q.match(ex.question).group(1)
+            assert city in cities and gold not in _normalize(ex.question)
+            assert re.fullmatch(rf"{re.escape(city)} is a city in (\w+)\..*", passages[city]).group(1) == ex.golds[0]
+            continue
+        kind, name = PERSON_Q.match(ex.question).groups()
         person = passages[name]
         assert gold not in _normalize(ex.question), ex
         city = re.search(r"was born in (\w+)\.", person).group(1)
@@ -175,7 +188,10 @@ def test_demonstrations_follow_search_r1_format(passages, examples):
     for ex in examples["train"] + examples["test"]:
         search_log.clear()
         segments = demonstrations(ex, logged_search)
-        kind, name = PERSON_Q.match(ex.question).groups()
+        if ex.data_source == "demo_city":
+            kind, name = "city", CITY_Q.match(ex.question).group(1)
+        else:
+            kind, name = PERSON_Q.match(ex.question).groups()
         hops = 1 if kind == "city" else 2
         assert [r for r, _ in segments] == [POLICY, OBSERVATION] * hops + [POLICY]
         assert len(search_log) == hops
@@ -191,6 +207,45 @@ def test_demonstrations_follow_search_r1_format(passages, examples):
         assert re.fullmatch(r"<think> [^<>]+ </think>\n<answer> [^<>]+ </answer>", last)
         assert re.search(r"<answer> (.*) </answer>$", last).group(1) == ex.golds[0]
         _check_tags("".join(text for _, text in segments))
+
+
+def _answer(segments):
+    return re.search(r"<answer> (.*) </answer>$", segments[-1][1]).group(1)
+
+
+def test_weak_searcher_mix_and_one_hop_demonstrations(passages, examples):
+    titles = sorted(passages)
+
+    def search(query):  # deterministic: the passage titled `query` second of three
+        i = titles.index(query)
+        return [(t, passages[t]) for t in (titles[i - 1], query, titles[(i + 7) % len(titles)])]
+
+    assert dict(TWO_HOP_MIX) == {"stop": 5, "unused": 2, "chain": 1}
+    seen = set()
+    for ex in examples["train"]:
+        variants = weak_searcher_demonstrations(ex, search)
+        if ex.data_source != "demo_2hop":
+            assert variants == [demonstrations(ex, search)]
+            assert one_hop_demonstrations(ex, search)[-1] == variants[0][-1]
+            seen.add(ex.data_source)
+            continue
+        with pytest.raises(DemonstrationUnavailable):
+            one_hop_demonstrations(ex, search)
+        name = PERSON_Q.match(ex.question).group(2)
+        city = re.search(r"born in (\w+)\.", passages[name]).group(1)
+        assert len(variants) == 8
+        searches = [sum(r == OBSERVATION for r, _ in v) for v in variants]
+        answers = [_answer(v) for v in variants]
+        # 5 stop after one search with the city, 2 search the city and still answer it, 1 chains.
+        assert searches == [1] * 5 + [2] * 3
+        assert answers == [city] * 7 + [ex.golds[0]]
+        # Every variant starts with the same first turn, so the choice comes after the first search.
+        assert len({v[0] for v in variants}) == 1
+        assert variants[-1][1:] == demonstrations(ex, search)[1:]
+        for v in variants:
+            _check_tags("".join(text for _, text in v))
+        seen.add(ex.data_source)
+    assert seen == {"demo_1hop", "demo_2hop", "demo_city"}
 
 
 def test_demonstration_errors(passages, examples):

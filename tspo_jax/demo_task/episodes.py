@@ -28,7 +28,8 @@ def _question_regex(template: str) -> re.Pattern:
 
 
 _QUESTION = {world.ONE_HOP: _question_regex(world.CITY_QUESTION),
-             world.TWO_HOP: _question_regex(world.COUNTRY_QUESTION)}
+             world.TWO_HOP: _question_regex(world.COUNTRY_QUESTION),
+             world.CITY_HOP: _question_regex(world.CITY_COUNTRY_QUESTION)}
 _BORN_IN = re.compile(r"\bwas born in (\w+)\.")
 _CITY_IN = re.compile(r"\bis a city in (\w+)\.")
 
@@ -66,20 +67,40 @@ def _fact_from(docs: Sequence[tuple[str, str]], title: str, pattern: re.Pattern,
         f"(got titles {[t for t, _ in docs]}); skip this example or retrieve more documents.")
 
 
-def demonstrations(example, search_fn: SearchFn) -> list[tuple[str, str]]:
-    """The scripted episode for a demo-task QAExample (data_source demo_1hop or demo_2hop).
-
-    Raises DemonstrationUnavailable when search_fn misses a needed passage, and ValueError for a
-    question that is not from the demo task or whose retrieved answer contradicts its gold.
-    """
+def _parse(example) -> str:
     pattern = _QUESTION.get(example.data_source)
     match = pattern.match(example.question) if pattern else None
     if match is None:
         raise ValueError(f"Not a demo-task question: data_source={example.data_source!r}, "
                          f"question={example.question!r}; demonstrations only script "
-                         f"{world.ONE_HOP!r} and {world.TWO_HOP!r} questions.")
-    name = match.group(1)
+                         f"{sorted(_QUESTION)} questions.")
+    return match.group(1)
+
+
+def _check_gold(example, answer: str) -> None:
+    golds = {world.normalize(g) for g in example.golds}
+    if world.normalize(answer) not in golds:
+        raise ValueError(f"Retrieved passages give {answer!r} for {example.uid!r} but its golds "
+                         f"are {example.golds}; the corpus and the QA file disagree.")
+
+
+def demonstrations(example, search_fn: SearchFn) -> list[tuple[str, str]]:
+    """The scripted (correct) episode for a demo-task QAExample (demo_1hop, demo_city, demo_2hop).
+
+    Raises DemonstrationUnavailable when search_fn misses a needed passage, and ValueError for a
+    question that is not from the demo task or whose retrieved answer contradicts its gold.
+    """
+    name = _parse(example)
     segments: list[tuple[str, str]] = []
+
+    if example.data_source == world.CITY_HOP:
+        segments.append((POLICY, _search_turn(f"I need to find out which country {name} is in.", name)))
+        docs = list(search_fn(name))
+        segments.append((OBSERVATION, format_observation(docs)))
+        answer = _fact_from(docs, name, _CITY_IN, name)
+        segments.append((POLICY, _answer_turn(f"{name} is a city in {answer}.", answer)))
+        _check_gold(example, answer)
+        return segments
 
     if example.data_source == world.ONE_HOP:
         segments.append((POLICY, _search_turn(f"I need to find out where {name} was born.", name)))
@@ -102,8 +123,60 @@ def demonstrations(example, search_fn: SearchFn) -> list[tuple[str, str]]:
         answer = _fact_from(docs, city, _CITY_IN, city)
         segments.append((POLICY, _answer_turn(f"{city} is a city in {answer}.", answer)))
 
-    golds = {world.normalize(g) for g in example.golds}
-    if world.normalize(answer) not in golds:
-        raise ValueError(f"Retrieved passages give {answer!r} for {example.uid!r} but its golds "
-                         f"are {example.golds}; the corpus and the QA file disagree.")
+    _check_gold(example, answer)
     return segments
+
+
+def one_hop_demonstrations(example, search_fn: SearchFn) -> list[tuple[str, str]]:
+    """Only the 1-hop kinds (person -> city, city -> country); a 2-hop question raises
+    DemonstrationUnavailable, so the warm start skips it and never shows a chain of searches."""
+    if example.data_source == world.TWO_HOP:
+        raise DemonstrationUnavailable("one_hop_demonstrations script no 2-hop question")
+    return demonstrations(example, search_fn)
+
+
+# A weak searcher's behaviours on a 2-hop question, with how many of one question's
+# demonstrations show each (the warm start samples a question's demonstrations uniformly, so a
+# converged policy takes them with these shares on every 2-hop question, whatever its seed):
+#   stop:   search the person, answer the birth city (what a 1-hop searcher does; wrong);
+#   unused: search the person, then the city, then still answer the birth city (the second search
+#           retrieved the gold country and it went unused: FOLR's case; wrong);
+#   chain:  search the person, then the city, answer the country (right).
+TWO_HOP_MIX = (("stop", 5), ("unused", 2), ("chain", 1))
+
+
+def _two_hop_variant(example, search_fn: SearchFn, kind: str) -> list[tuple[str, str]]:
+    name = _parse(example)
+    segments = [(POLICY, _search_turn(f"I need to find out where {name} was born.", name))]
+    docs = list(search_fn(name))
+    segments.append((OBSERVATION, format_observation(docs)))
+    city = _fact_from(docs, name, _BORN_IN, name)
+    if kind == "stop":
+        segments.append((POLICY, _answer_turn(f"{name} was born in {city}.", city)))
+        return segments
+    segments.append((POLICY, _search_turn(
+        f"{name} was born in {city}. Now I need to find the country of {city}.", city)))
+    docs = list(search_fn(city))
+    segments.append((OBSERVATION, format_observation(docs)))
+    country = _fact_from(docs, city, _CITY_IN, city)
+    if kind == "unused":
+        segments.append((POLICY, _answer_turn(f"{name} was born in {city}.", city)))
+    else:
+        _check_gold(example, country)
+        segments.append((POLICY, _answer_turn(f"{city} is a city in {country}.", country)))
+    return segments
+
+
+def weak_searcher_demonstrations(example, search_fn: SearchFn) -> list[list[tuple[str, str]]]:
+    """The demo's warm start: a list of episodes per question, sampled uniformly by the warm start.
+
+    1-hop kinds (person -> city, city -> country): their one correct episode. 2-hop: the
+    TWO_HOP_MIX of a weak searcher that mostly stops after one search. After the first search
+    it searches again with probability 3/8, and after the second it answers the country with
+    probability 1/3: greedy decoding answers the city on every 2-hop question, and a sampled
+    rollout is right with probability 1/8, so most 2-hop groups of 5 are all-wrong.
+    """
+    if example.data_source != world.TWO_HOP:
+        return [demonstrations(example, search_fn)]
+    return [_two_hop_variant(example, search_fn, kind)
+            for kind, count in TWO_HOP_MIX for _ in range(count)]

@@ -19,9 +19,12 @@ CITIES_PER_COUNTRY = 4
 # one, which makes about 1 / 1.43 = 70% of the questions 2-hop.
 ONE_HOP_SHARE = 0.43
 
-ONE_HOP, TWO_HOP = "demo_1hop", "demo_2hop"
+ONE_HOP, TWO_HOP, CITY_HOP = "demo_1hop", "demo_2hop", "demo_city"
 CITY_QUESTION = "In which city was {name} born?"
 COUNTRY_QUESTION = "In which country was {name} born?"
+# The second 1-hop kind, training only (cities are shared by all people, so none is held out):
+# one question per city, the second link of a 2-hop chain asked on its own.
+CITY_COUNTRY_QUESTION = "In which country is the city of {name}?"
 
 OCCUPATIONS = ("painter", "farmer", "baker", "teacher", "sailor", "poet", "doctor", "weaver",
                "singer", "builder", "potter", "miller")
@@ -63,7 +66,7 @@ normalize = normalize_answer  # Search-R1's answer normalisation, the reward's o
 
 def _template_text() -> str:
     """All fixed wording, so that no generated name can hide inside it."""
-    parts = [CITY_QUESTION, COUNTRY_QUESTION, *OCCUPATIONS, *CITY_FACTS,
+    parts = [CITY_QUESTION, COUNTRY_QUESTION, CITY_COUNTRY_QUESTION, *OCCUPATIONS, *CITY_FACTS,
              *(t for _, t in LANDMARK_KINDS), *(k for k, _ in LANDMARK_KINDS),
              "is a", "was born in", "is a city in", "Doc Title information think search answer"]
     return normalize(" ".join(parts))
@@ -155,6 +158,10 @@ def qa_records(world: World, split: str, seed: int = SEED) -> list[dict[str, obj
     rng = random.Random(seed + 2)
     one_hop = {p.key for p in world.people if rng.random() < ONE_HOP_SHARE}
     rows = []
+    if split == "train":
+        rows += [{"id": f"c{i:02d}-country", "question": CITY_COUNTRY_QUESTION.format(name=c),
+                  "golden_answers": [country], "data_source": CITY_HOP}
+                 for i, (c, country) in enumerate(world.city_country.items())]
     for p in world.people:
         if (p.key in world.test_keys) != (split == "test"):
             continue
