@@ -250,7 +250,8 @@ class PolicyUpdater:
         metrics["actor/lr"] reports it. Metrics come back as host scalars."""
         lr = self._lr_on_mesh(opt_state, lr)  # a bad optimizer fails here, before any work
         host = shd.to_host(dict(batch))
-        norm = shd.put_global(host_normalizers(host["loss_mask"]), NamedSharding(self.mesh, P()))
+        replicated = NamedSharding(self.mesh, P())
+        norm = {k: shd.put_global(v, replicated) for k, v in host_normalizers(host["loss_mask"]).items()}
         acc = self._zeros(params)
         micro = []
         for rows, width in self.slices(host["valid"], self.micro_batch):
