@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
         max_turns=3, max_response_length=48, max_obs_length=160, max_prompt_length=256, max_context_length=0,
         docs_per_search=3, temperature=1.0, top_p=1.0, top_k=0, greedy=False, resume="cache", on_retriever_error="raise",
         # The slot engine, one slot per row (40 rows fit easily); chunks of up to 64 decode steps.
-        engine="slots", slots=0, decode_chunk=64, fill_rows=0,
+        engine="slots", slots=0, decode_chunk=64, fill_rows=0, gather_params=False,
         # A short instruction: the tiny policy learns the tags from the warm start, and every
         # prompt token costs compute in all episodes (configs for real models use the full one).
         template="Search, then answer.\nQuestion: {question}\n", use_chat_template=True,
