@@ -17,7 +17,8 @@ from tspo_jax.bench import configs, costs, scripted, searchr1, timing, torch_ppo
 from tspo_jax.model import params as params_lib
 from tspo_jax.model import qwen2
 
-TINY = qwen2.Qwen2Config(vocab_size=1010, **configs.TINY_ARCH)
+# The demo policy's shape with the demo tokenizer's vocabulary (scripted episodes use its ids).
+TINY = qwen2.Qwen2Config(vocab_size=configs.load_bench_tokenizer("demo").vocab_size, **configs.TINY_ARCH)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Benchmark configurations and the two models (ours and transformers') each one compares.
 
-  tiny          the embedded demo's policy shape (4 layers, 128 wide, 1,010-token vocabulary):
+  tiny          the embedded demo's policy shape (4 layers, 128 wide, 1,011-token vocabulary):
                 overhead-dominated, the CI smoke test runs a shrunken copy of it
   0.5b-random   Qwen2.5-0.5B's shape with random weights and an untied LM head, i.e. exactly the
                 shape of our offline Qwen2.5-Coder-0.5B-Instruct checkpoint
@@ -103,7 +103,7 @@ TINY_ARCH = dict(
 CONFIGS: dict[str, BenchConfig] = {
     "tiny": BenchConfig(
         name="tiny",
-        about="the demo policy's shape (4 x 128, vocab 1,010), random weights",
+        about="the demo policy's shape (4 x 128, vocab 1,011), random weights",
         arch=TINY_ARCH,
         tokenizer="demo",
         decode=DecodeSpec(
