@@ -12,6 +12,8 @@ import pytest
 from tspo_jax.metrics import read_metrics
 from tspo_jax.train import Trainer
 
+from test_train import set_keys
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Shrunk for CI (compilation dominates): a 1-layer model of the demo's kind, 2 turns, short turns.
@@ -43,14 +45,7 @@ def demo_config(index_dir, **overrides):
     spec = importlib.util.spec_from_file_location("demo_cfg", os.path.join(ROOT, "configs", "demo.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    c = mod.get_config()
-    for k, v in {**SHRINK, "retriever.index_dir": index_dir, **overrides}.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return set_keys(mod.get_config(), {**SHRINK, "retriever.index_dir": index_dir, **overrides})
 
 
 def run(config, workdir):

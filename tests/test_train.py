@@ -51,7 +51,12 @@ def tiny_config(index_dir, **kw):
     c.eval.every = 3
     c.eval.max_examples = 4
     c.eval.batch_size = 4
-    for k, v in kw.items():
+    return set_keys(c, kw)
+
+
+def set_keys(c, overrides: dict):
+    """c with each dotted key ("rollout.slots") set, as --config.KEY=VALUE does."""
+    for k, v in overrides.items():
         node = c
         *path, last = k.split(".")
         for p in path:
