@@ -413,6 +413,33 @@ def test_local_retriever_errors(tmp_path, minilm_index, local):
         local.search("a single string", 3)
 
 
+def test_config_corpus_wins_over_a_moved_manifest_path(tmp_path, minilm_index, local):
+    """A shared index cache (the demo's ~/.cache/tspo_jax/demo_index) names the absolute corpus path
+    of the clone that built it; another clone must read it through its own config's corpus."""
+    import ml_collections
+
+    from tspo_jax import runtime
+
+    index_dir, rows, _ = minilm_index
+    cache = tmp_path / "cache_index"
+    shutil.copytree(index_dir, cache)
+    manifest = json.loads((cache / index_lib.MANIFEST).read_text())
+    manifest["corpus"] = str(tmp_path / "deleted_clone" / "corpus.jsonl")
+    (cache / index_lib.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="does not exist"):
+        LocalRetriever(str(cache))
+    here = tmp_path / "this_clone_corpus.jsonl"
+    shutil.copyfile(index_dir.parent / "corpus.jsonl", here)
+    cfg = ml_collections.ConfigDict(dict(spec="", corpus=str(here), index_dir=str(cache), mode="exact",
+                                         timeout_s=5.0, retries=0))
+    queries = [rows[3]["contents"], rows[17]["contents"]]
+    with runtime.build_retriever(cfg, workdir=None) as moved:
+        got = moved.search(queries, 3)
+    want = local.search(queries, 3)
+    assert [[d.id for d in r] for r in got] == [[d.id for d in r] for r in want]
+    assert np.allclose([[d.score for d in r] for r in got], [[d.score for d in r] for r in want], atol=1e-6)
+
+
 def test_make_retriever_dispatch(tmp_path):
     assert make_retriever("http://127.0.0.1:8000").url == "http://127.0.0.1:8000/retrieve"
     assert make_retriever("http://host:1/custom/retrieve").url == "http://host:1/custom/retrieve"

@@ -60,8 +60,11 @@ def make_sampler(graphdef: nnx.GraphDef, model_cfg: qwen2.Qwen2Config, tokenizer
 
 def build_retriever(cfg: ml_collections.ConfigDict, workdir: str | None) -> Retriever:
     """retriever.spec if given (URL or index dir); else an index of retriever.corpus, built once."""
+    # An index this config built is read with the config's corpus, not the path in its manifest:
+    # the demo's index cache is shared by every clone on the machine.
+    corpus_path = None if cfg.spec else os.path.expanduser(cfg.corpus)
     return make_retriever(ensure_index(cfg, workdir), timeout_s=cfg.timeout_s, retries=cfg.retries,
-                          max_outage_s=cfg.get("max_outage_s", 600.0))
+                          max_outage_s=cfg.get("max_outage_s", 600.0), corpus_path=corpus_path)
 
 
 def ensure_index(cfg: ml_collections.ConfigDict, workdir: str | None) -> str:

@@ -34,15 +34,19 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def make_retriever(spec: str, *, timeout_s: float = 30.0, retries: int = 2, max_outage_s: float = 600.0) -> Retriever:
-    """'http(s)://host:port[/retrieve]' -> HttpRetriever; an index directory -> LocalRetriever."""
+def make_retriever(spec: str, *, timeout_s: float = 30.0, retries: int = 2, max_outage_s: float = 600.0,
+                   corpus_path: str | None = None) -> Retriever:
+    """'http(s)://host:port[/retrieve]' -> HttpRetriever; an index directory -> LocalRetriever.
+
+    `corpus_path`: the index's corpus where it is now (a shared index cache names the absolute
+    path it was built from, which another clone may have moved or deleted)."""
     spec = str(spec)
     if spec.startswith(("http://", "https://")):
         return HttpRetriever(spec, timeout_s=timeout_s, retries=retries, max_outage_s=max_outage_s)
     if os.path.isdir(spec):
         from tspo_jax.retrieval.local import LocalRetriever
 
-        return LocalRetriever(spec)
+        return LocalRetriever(spec, corpus_path=corpus_path)
     raise ValueError(
         f"Retriever spec {spec!r} is neither an http(s):// URL nor an existing index directory; "
         "pass e.g. http://127.0.0.1:8000 or a directory made by tspo_jax.retrieval.build_index."
