@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"
     c.model.remat = False
+    c.model.shard_activations = False  # one device: nothing to pin
     c.model.attention_chunk = 64  # long blocks attend in query chunks of this many positions
 
     # prompt_source "template": each question goes into rollout.template ("column": the rows'

@@ -151,6 +151,7 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int,
     c.model.param_dtype = "float32"
     c.model.dtype = "bfloat16"
     c.model.remat = True  # Search-R1: enable_gradient_checkpointing=true
+    c.model.shard_activations = False
     # Long blocks attend in query chunks (at most 16 per block): 64 positions suit CPU; on GPU/TPU
     # larger chunks keep the matmuls big (not measured here).
     c.model.attention_chunk = 256

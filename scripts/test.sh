@@ -13,4 +13,4 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if [ "${TSPO_SKIP_REAL:-0}" != 1 ]; then
   python -m tspo_jax.model.build_offline_checkpoint >/dev/null
 fi
-python -m pytest -q -n "${TEST_WORKERS:-2}" -W ignore::DeprecationWarning "$@"
+python -m pytest -q -n "${TEST_WORKERS:-2}" --durations=25 -W ignore::DeprecationWarning "$@"

@@ -160,3 +160,31 @@ def test_projection_scales_each_function_by_its_own_tokens():
                 "prompt=-1,turn=2,turns=3,obs=4,searches=5"):
         with pytest.raises(ValueError, match="lengths"):
             projection.Lengths.parse(bad)
+
+
+def test_collectives_are_timed_at_the_published_all_reduce_bandwidth():
+    from tspo_jax.planner import projection
+
+    v5e = hardware.CHIPS["v5e"]
+    assert v5e.ici_bandwidth == pytest.approx(200e9) and hardware.CHIPS["v4"].ici_bandwidth == pytest.approx(268.55e9,
+                                                                                                             rel=1e-3)
+    assert hardware.chip_named("TPU v5e") is v5e and hardware.chip_named("TPU v9") is None
+    # 64 decode steps a call, 1 GB of collectives each: 64 GB at 200 GB/s.
+    assert analyse.collective_seconds({"all-gather": 6e8, "all-reduce": 4e8}, 64, v5e.ici_bandwidth) == pytest.approx(0.32)
+    assert analyse.collective_seconds({"all-gather": 1e9}, 1, None) is None
+    fns = [
+        dict(phase="rollout", calls_per_step=10, loop_iters=1, roofline_s=1.0, collectives={"all-gather": 4e11},
+             tokens="policy", worst_tokens=2500),  # collectives 2 s > roofline 1 s: the collectives count
+        dict(phase="update", calls_per_step=2, loop_iters=1, roofline_s=3.0, collectives={"all-reduce": 2e11},
+             tokens="episode", worst_tokens=4608),  # collectives 1 s < roofline 3 s: hidden under compute
+    ]
+    res = {"target": {"chip": "TPU v5e", "chips": 64}, "functions": fns,
+           "at_lengths": {"lengths": dict(prompt=200, turn=250, turns=5, obs=0, searches=0)}}
+    projection.add_collective_times(res)
+    assert [f["collective_s"] for f in fns] == [pytest.approx(2.0), pytest.approx(1.0)]
+    assert res["step_collectives_s"]["rollout"] == pytest.approx(20.0)
+    assert res["step_collectives_s"]["update"] == pytest.approx(6.0)
+    assert res["at_lengths"]["step_collectives_s"]["rollout"] == pytest.approx(20.0 * 1250 / 2500)
+    # One chip, or a chip without a published bandwidth: nothing to time.
+    one = projection.add_collective_times({"target": {"chip": "TPU v5e", "chips": 1}, "functions": [dict(fns[0])]})
+    assert one["step_collectives_s"] is None and one["functions"][0]["collective_s"] is None

@@ -179,3 +179,21 @@ def test_sampler_on_a_mesh_splits_the_cache_by_rows_and_matches_one_device(pair)
     assert gen.cache.k[0].sharding.spec[0] == shd.BATCH_AXES
     assert len(gen.cache.k[0].addressable_shards) == 8
     assert gen.cache.k[0].addressable_shards[0].data.shape[0] == 1  # 8 rows over 8 batch devices
+
+
+def test_pinned_activations_decode_the_same_tokens_on_a_mesh(pair):
+    """model.shard_activations on a (data, fsdp, tensor) mesh: prefill and the cached decode give the
+    single-device greedy tokens."""
+    from tspo_jax import sharding as shd
+    from tspo_jax.model import qwen2
+
+    _, model, state, smp = pair
+    mesh = shd.make_mesh((1, 4, 2))
+    pinned_cfg = model.cfg.replace(shard_activations=True)
+    pinned = sampling.Sampler(nnx.graphdef(qwen2.abstract_model(pinned_cfg)), pinned_cfg, eos_ids=[7], pad_id=0,
+                              mesh=mesh)
+    sharded_state = jax.device_put(state, shd.state_shardings(state, mesh))
+    params = sampling.SamplingParams(greedy=True)
+    expect = smp.generate(state, PROMPTS, max_new_tokens=10, sampling=params)
+    got = pinned.generate(sharded_state, PROMPTS, max_new_tokens=10, sampling=params)
+    assert [g["token_ids"] for g in got] == [e["token_ids"] for e in expect]

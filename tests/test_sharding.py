@@ -83,3 +83,45 @@ def test_shard_model_moves_an_initialised_model(ckpt_dir):
     shd.shard_model(model, mesh)
     assert model.layers[0].mlp.down_kernel[...].sharding.spec == P("tensor", "fsdp")
     np.testing.assert_allclose(np.asarray(model(ids)[0]), before, atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (1, 2, 4)], ids=str)
+def test_pinned_activations_change_the_layout_not_the_numbers(ckpt_dir, mesh_shape):
+    """model.shard_activations pins every block's activations to the batch (and tensor) axes of the
+    mesh in context: the logits and the gradient equal the single-device ones (float32, 1e-5), and
+    the constraints are in the traced program only when it is on and a mesh is in context."""
+    ids = np.random.RandomState(4).randint(0, 256, (8, 16)).astype(np.int32)
+    valid = np.ones_like(ids, bool)
+    valid[2, :6] = False  # a left-padded row
+    valid[5, :3] = False
+
+    def loss(model_params, graphdef, ids, valid):
+        logits, _ = qwen2.apply(graphdef, model_params, ids, valid=valid)
+        return jnp.sum(jnp.where(valid[..., None], jax.nn.log_softmax(logits), 0.0) ** 2) / 1e4
+
+    ref_model = params_lib.load_hf_checkpoint(ckpt_dir)
+    ref_gd, ref_state = nnx.split(ref_model)
+    ref_loss, ref_grad = jax.value_and_grad(loss)(ref_state, ref_gd, jnp.asarray(ids), jnp.asarray(valid))
+
+    mesh = shd.make_mesh(mesh_shape)
+    model = params_lib.load_hf_checkpoint(ckpt_dir, mesh=mesh, shard_activations=True)
+    graphdef, state = nnx.split(model)
+    ids_d, valid_d = shd.shard_batch((ids, valid), mesh)
+
+    def pinned(params, ids, valid):
+        with shd.activation_mesh(mesh):
+            return jax.value_and_grad(loss)(params, graphdef, ids, valid)
+
+    fn = jax.jit(pinned, in_shardings=(shd.state_shardings(state, mesh), shd.batch_sharding(mesh),
+                                       shd.batch_sharding(mesh)))
+    n_layers = len(model.layers)
+    # Per block: q, k, v, the heads before o-proj, o-proj's output, gate, up, down; plus the embedding;
+    # each once in the forward and once, transposed, in the backward.
+    assert fn.lower(state, ids_d, valid_d).as_text().count("sharding_constraint") == 2 * (8 * n_layers + 1)
+    got_loss, got_grad = fn(state, ids_d, valid_d)
+    np.testing.assert_allclose(float(got_loss), float(ref_loss), rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(got_grad), jax.tree.leaves(ref_grad), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, rtol=1e-4)
+    # Off, or on without a mesh in context: no constraint is traced.
+    plain = jax.jit(lambda p, i, v: jax.value_and_grad(loss)(p, graphdef, i, v))
+    assert plain.lower(state, ids_d, valid_d).as_text().count("sharding_constraint") == 0

@@ -102,7 +102,7 @@ def plan(config, topology: str, min_headroom: float = 0.1, only: tuple[str, ...]
                       "step_s": st, "projected_s": {"200_steps": 200 * per, "total_steps": config.total_steps * per},
                       "step_xla_bytes_s": projection.step_seconds(functions, lengths, "roofline_xla_s")}
     model = run.model_cfg
-    return {
+    return projection.add_collective_times({
         "config": dict(mesh=list(config.mesh.shape), prompts_per_step=config.prompts_per_step,
                        group_size=config.group_size, mini_batch=config.mini_batch, micro_batch=config.micro_batch,
                        logprob_micro_batch=config.get("logprob_micro_batch"), slots=slots or config.rollout.get("slots", 0),
@@ -125,7 +125,7 @@ def plan(config, topology: str, min_headroom: float = 0.1, only: tuple[str, ...]
         "projected_s": {"200_steps": 200 * (step_s + eval_s), "total_steps": config.total_steps * (step_s + eval_s)},
         "at_lengths": at_lengths,
         "jax": jax.__version__,
-    }
+    })
 
 
 def verdict(res: dict) -> list[str]:

@@ -39,7 +39,8 @@ def saved_rollout(workdir: str) -> dict | None:
 
 def model_overrides(cfg: ml_collections.ConfigDict) -> dict:
     return dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat,
-                attention_chunk=cfg.get("attention_chunk", qwen2.Qwen2Config.attention_chunk))
+                attention_chunk=cfg.get("attention_chunk", qwen2.Qwen2Config.attention_chunk),
+                shard_activations=cfg.get("shard_activations", qwen2.Qwen2Config.shard_activations))
 
 
 def build_policy(cfg: ml_collections.ConfigDict, mesh: Mesh) -> tuple[qwen2.Qwen2, object]:

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from tspo_jax.model.qwen2 import KVCache, Qwen2Config, apply
-from tspo_jax.sharding import batch_devices, to_host
+from tspo_jax.sharding import activation_mesh, batch_devices, to_host
 from tspo_jax.stop_strings import StopTable, build_stop_table
 
 log = logging.getLogger(__name__)
@@ -197,9 +197,11 @@ class Sampler:
     # --- compiled bodies ----------------------------------------------------------------------------
     def _forward(self, params, tokens, valid, cache, attend_len=None, rows=None):
         """Logits [B, V] at each row's last valid token (the LM head runs nowhere else), new cache."""
-        return apply(
-            self.graphdef, params, tokens, valid=valid, cache=cache, attend_len=attend_len, rows=rows, last_only=True
-        )
+        with activation_mesh(self.mesh):
+            return apply(
+                self.graphdef, params, tokens, valid=valid, cache=cache, attend_len=attend_len, rows=rows,
+                last_only=True,
+            )
 
     def _prefill_impl(self, params, tokens, valid, max_len):
         self.compile_counts["prefill"] += 1

@@ -11,6 +11,7 @@ mesh with `put_global` (each process copies its own shards) and come back whole 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -140,6 +141,14 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
     placed = jax.device_put(values, jax.tree.map(lambda s: s, shardings, is_leaf=_is_var))
     nnx.update(model, placed)
     return model
+
+
+def activation_mesh(mesh: Mesh | None):
+    """Context for tracing a model call: its activations may then be pinned to this mesh's axes
+    (qwen2.constrain, model.shard_activations). Usable inside jit, where jax.set_mesh is not."""
+    if mesh is None or mesh.size == 1:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def batch_spec(ndim: int) -> P:

@@ -150,7 +150,8 @@ class PolicyUpdater:
     # --- model pieces ---------------------------------------------------------------------------
     def _token_logprobs(self, params, tokens, valid):
         model = nnx.merge(self.graphdef, params)
-        hidden, _ = model(tokens, valid=valid, return_hidden=True)
+        with shd.activation_mesh(self.mesh):
+            hidden, _ = model(tokens, valid=valid, return_hidden=True)
         logp, entropy = losses.token_logprobs_and_entropy(
             hidden[:, :-1], model.lm_head_kernel(), _shift(tokens),
             chunk_size=self.loss_cfg.logprob_chunk, temperature=self.temperature,

@@ -36,6 +36,26 @@ from flax import nnx
 # Logical axis names carried by every parameter (see sharding.py for the mesh rules).
 VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP_DIM = "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp"
 
+# Mesh axes activations are laid out on (tspo_jax/sharding.py lays parameters out on the same).
+_BATCH_AXES, _TENSOR_AXIS = ("data", "fsdp"), "tensor"
+
+
+def constrain(cfg: "Qwen2Config", x: jax.Array, *dims: str | None) -> jax.Array:
+    """Pins `x`'s layout on the mesh in context: per axis "batch" (over data x fsdp), "tensor" or
+    None (replicated). An axis the mesh does not divide stays replicated. A no-op without
+    cfg.shard_activations or without a mesh in context (one device, or a caller that set none)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not cfg.shard_activations or mesh.empty:
+        return x
+    spec = []
+    for dim, size in zip(dims, x.shape):
+        axes = _BATCH_AXES if dim == "batch" else (_TENSOR_AXIS,) if dim == "tensor" else ()
+        axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+        ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        spec.append(None if not axes or size % ways else axes[0] if len(axes) == 1 else axes)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
@@ -56,6 +76,10 @@ class Qwen2Config:
     # Blocks longer than this attend in query chunks, each to the keys up to its own end: the
     # causal upper triangle is skipped and score tensors stay small (see Attention).
     attention_chunk: int = 64
+    # Pin activations to the batch (data, fsdp) and tensor axes of the mesh in context
+    # (sharding.activation_mesh). Without these constraints XLA's partitioner may keep fsdp-sharded
+    # weights in place and move activations instead (docs/POD_PLAN.md measures it).
+    shard_activations: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
 
@@ -316,9 +340,11 @@ class Attention(nnx.Module):
         it copy the whole cache every decode step).
         """
         cfg, dt = self.cfg, x.dtype
+        heads = ("batch", None, "tensor", None)
         q = jnp.einsum("bcd,dhk->bchk", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
         k = jnp.einsum("bcd,dhk->bchk", x, self.k_kernel[...].astype(dt)) + self.k_bias[...].astype(dt)
         v = jnp.einsum("bcd,dhk->bchk", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(dt)
+        q, k, v = (constrain(cfg, t, *heads) for t in (q, k, v))
         q = rope(q, positions, cfg.rope_theta)
         k = rope(k, positions, cfg.rope_theta).swapaxes(1, 2)  # [B, KV, C, HD]: the cache layout
         v = v.swapaxes(1, 2)
@@ -355,8 +381,8 @@ class Attention(nnx.Module):
             # each chunk's output is that dependency, at the cost of a few scalars.
             after_reads = (sum(o.reshape(-1)[0] for o in outs) * 0).astype(k.dtype)
             write(k + after_reads, v + after_reads)
-        out = out.reshape(b, c, cfg.num_heads, cfg.head_dim)
-        return jnp.einsum("bchk,hkd->bcd", out, self.o_kernel[...].astype(dt))
+        out = constrain(cfg, out.reshape(b, c, cfg.num_heads, cfg.head_dim), *heads)
+        return constrain(cfg, jnp.einsum("bchk,hkd->bcd", out, self.o_kernel[...].astype(dt)), "batch", None, None)
 
 
 def _attend(q, parts):
@@ -429,12 +455,13 @@ class MLP(nnx.Module):
         self.gate_kernel = _param(rngs, (d, f), (EMBED, MLP_DIM), pd)
         self.up_kernel = _param(rngs, (d, f), (EMBED, MLP_DIM), pd)
         self.down_kernel = _param(rngs, (f, d), (MLP_DIM, EMBED), pd)
+        self.cfg = cfg
 
     def __call__(self, x):
-        dt = x.dtype
-        gate = x @ self.gate_kernel[...].astype(dt)
-        up = x @ self.up_kernel[...].astype(dt)
-        return (jax.nn.silu(gate) * up) @ self.down_kernel[...].astype(dt)
+        dt, cfg = x.dtype, self.cfg
+        gate = constrain(cfg, x @ self.gate_kernel[...].astype(dt), "batch", None, "tensor")
+        up = constrain(cfg, x @ self.up_kernel[...].astype(dt), "batch", None, "tensor")
+        return constrain(cfg, (jax.nn.silu(gate) * up) @ self.down_kernel[...].astype(dt), "batch", None, None)
 
 
 class DecoderBlock(nnx.Module):
@@ -512,7 +539,7 @@ class Qwen2(nnx.Module):
             start_pos = gather(cache.next_pos)
         if positions is None:
             positions = block_positions(valid, None if cache is None else start_pos)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)
+        x = constrain(cfg, jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype), "batch", None, None)
 
         block_mask = jnp.tril(jnp.ones((c, c), bool))[None] & valid[:, None, :]
         if cache is None:

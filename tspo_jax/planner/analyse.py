@@ -67,6 +67,7 @@ class Analysis:
     bytes_min: float = 0.0
     roofline_s: float = 0.0  # per call: max(FLOPs / peak, bytes_min / bandwidth), a lower bound
     roofline_xla_s: float = 0.0  # per call: max(FLOPs / peak, XLA's bytes / bandwidth)
+    collective_s: float | None = None  # per call: collective bytes / ICI bandwidth (collective_seconds)
     needed_bytes: int = 0  # when the compiler refused it: what it said it needed
     tokens: str = ""  # Call.tokens / Call.worst_tokens, for planner.projection
     worst_tokens: int = 0
@@ -79,6 +80,15 @@ class Analysis:
             return self.needed_bytes + self.resident_extra_bytes
         return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
                 + self.resident_extra_bytes)
+
+
+def collective_seconds(collectives: dict, loop_iters: int, ici_bandwidth: float | None) -> float | None:
+    """Per call: the bytes the call's collectives produce per chip (each loop iteration's) over the
+    chip's all-reduce bandwidth. A coarse floor: it ignores ring/torus step counts and assumes
+    every link busy; None where the chip publishes no bandwidth."""
+    if not ici_bandwidth:
+        return None
+    return max(loop_iters, 1) * sum(collectives.values()) / ici_bandwidth
 
 
 def lm_head_correction(call: Call, run, chips: int) -> float:
@@ -144,4 +154,5 @@ def compile_call(call: Call, run, chip, chips: int, resident_bytes: dict[str, in
     a.bytes_min = iters * a.argument_bytes + a.output_bytes - a.alias_bytes
     a.roofline_s = max(a.flops / chip.bf16_flops, a.bytes_min / chip.hbm_bandwidth)
     a.roofline_xla_s = max(a.flops / chip.bf16_flops, a.bytes / chip.hbm_bandwidth)
+    a.collective_s = collective_seconds(a.collectives, call.loop_iters, chip.ici_bandwidth)
     return a

@@ -10,6 +10,9 @@ Sources of CHIPS (public Cloud TPU / NVIDIA spec pages, read 2026-11):
   v6e  https://cloud.google.com/tpu/docs/v6e   32 GiB HBM, 918 TFLOP/s bf16, 1,640 GB/s
   h100 https://www.nvidia.com/en-us/data-center/h100/ (SXM): 80 GB HBM3, 989 TFLOP/s dense bf16,
        3.35 TB/s
+`ici_bandwidth`: all-reduce bandwidth per chip, the published "all-reduce bandwidth per Pod" over
+the pod's chips (v4: 1.1 PB/s over 4,096 chips; v5e: 51.2 TB/s over 256 chips, on the same pages).
+The other chips publish no such figure here: their collectives are not timed.
 `usable_bytes` is what a program may allocate: on TPU the limit libtpu 0.0.42 itself reports in
 its out-of-memory error (measured by compiling a too-large program, see docs/POD_PLAN.md); on the
 GPU, XLA's default memory fraction as launch/gpu_node.sh raises it (0.92).
@@ -32,11 +35,14 @@ class Chip:
     bf16_flops: float  # peak dense bf16 FLOP/s per chip
     hbm_bandwidth: float  # bytes/s per chip
     source: str
+    ici_bandwidth: float | None = None  # all-reduce bytes/s per chip (see the module docstring)
 
 
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("TPU v4", 32 * GiB, int(30.75 * GiB), 275e12, 1200e9, "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("TPU v5e", 16 * GiB, int(15.75 * GiB), 197e12, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
+    "v4": Chip("TPU v4", 32 * GiB, int(30.75 * GiB), 275e12, 1200e9, "https://cloud.google.com/tpu/docs/v4",
+               ici_bandwidth=1.1e15 / 4096),
+    "v5e": Chip("TPU v5e", 16 * GiB, int(15.75 * GiB), 197e12, 819e9, "https://cloud.google.com/tpu/docs/v5e",
+                ici_bandwidth=51.2e12 / 256),
     "v5p": Chip("TPU v5p", 95 * GiB, int(95.74 * GiB), 459e12, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
     "v6e": Chip("TPU v6e", 32 * GiB, int(31.25 * GiB), 918e12, 1640e9, "https://cloud.google.com/tpu/docs/v6e"),
     "h100": Chip("H100 SXM 80GB", 80 * 10**9, int(0.92 * 80 * 10**9), 989e12, 3350e9,
@@ -138,6 +144,11 @@ def resolve(name: str) -> Target:
     if chip is None:
         raise ValueError(f"unknown topology {name!r}; choose 'host', 'gpu8xh100' or one of {sorted(TOPOLOGIES)}")
     return Target(name, chip, tpu_devices(name), True)
+
+
+def chip_named(name: str) -> Chip | None:
+    """The CHIPS entry whose name a plan's JSON records (target.chip), e.g. "TPU v5e"."""
+    return next((c for c in CHIPS.values() if c.name == name), None)
 
 
 def gib(x: float) -> float:

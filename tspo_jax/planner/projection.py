@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from tspo_jax.planner import analyse, hardware
+
 PHASES = ("rollout", "reference", "update")
 
 
@@ -52,13 +54,22 @@ def scale(fn: dict, lengths: Lengths | None) -> float:
     return min(1.0, lengths.tokens(fn["tokens"]) / fn["worst_tokens"])
 
 
+def call_seconds(fn: dict, key: str) -> float:
+    """One call's time: roofline_s (the lower bound), roofline_xla_s, or "with_collectives": the
+    roofline or the collectives' time, whichever is longer (collectives overlapped with compute at
+    best; a function without a timed collective keeps its roofline)."""
+    if key == "with_collectives":
+        return max(fn["roofline_s"], fn.get("collective_s") or 0.0)
+    return fn[key]
+
+
 def step_seconds(functions: list[dict], lengths: Lengths | None = None, key: str = "roofline_s") -> dict[str, float]:
     """{rollout, reference, update, total, eval_amortised} seconds per training step, from each
-    function's `key` time per call: roofline_s (the lower bound) or roofline_xla_s."""
+    function's time per call under `key` (call_seconds)."""
     out = {p: 0.0 for p in PHASES}
     eval_s = 0.0
     for f in functions:
-        t = f["calls_per_step"] * f[key] * scale(f, lengths)
+        t = f["calls_per_step"] * call_seconds(f, key) * scale(f, lengths)
         if f["phase"] in out:
             out[f["phase"]] += t
         elif f["phase"] == "eval":
@@ -66,3 +77,20 @@ def step_seconds(functions: list[dict], lengths: Lengths | None = None, key: str
     out["total"] = sum(out[p] for p in PHASES)
     out["eval_amortised"] = eval_s
     return out
+
+
+def add_collective_times(res: dict) -> dict:
+    """Fills each function's collective_s and the plan's step times with collectives (also for a
+    plan JSON written before they existed: it kept the bytes). Returns `res`."""
+    chip = hardware.chip_named(res["target"]["chip"])
+    bw = chip.ici_bandwidth if chip is not None and res["target"]["chips"] > 1 else None
+    for f in res["functions"]:
+        f["collective_s"] = analyse.collective_seconds(f.get("collectives", {}), f["loop_iters"], bw)
+    res["target"]["ici_bandwidth"] = bw
+    timed = bw is not None and bool(res["functions"])
+    res["step_collectives_s"] = step_seconds(res["functions"], key="with_collectives") if timed else None
+    at = res.get("at_lengths")
+    if at:
+        lengths = Lengths(**at["lengths"])
+        at["step_collectives_s"] = step_seconds(res["functions"], lengths, "with_collectives") if timed else None
+    return res

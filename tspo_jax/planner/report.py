@@ -42,8 +42,9 @@ def markdown(res: dict) -> str:
         "",
         _row(["function", "calls/step", "loop iters", "args GiB", "out GiB", "temp GiB", "alias GiB",
               "+resident GiB", "peak GiB/chip", "% usable", "fits", "TFLOP/call/chip", "GB/call/chip",
-              "collective MB/body", "compile s", "roofline s/call", "with XLA's bytes s/call", "shape"]),
-        _row(["---"] * 18),
+              "collective MB/body", "compile s", "roofline s/call", "with XLA's bytes s/call",
+              "collectives s/call", "shape"]),
+        _row(["---"] * 19),
     ]
     for f in res["functions"]:
         coll = sum(f["collectives"].values()) / 1e6
@@ -53,7 +54,8 @@ def markdown(res: dict) -> str:
             _g(f["alias_bytes"]), _g(f["resident_extra_bytes"]), _g(f["peak_bytes"]),
             f"{100 * f['peak_bytes'] / t['usable_bytes']:.0f}%", "yes" if f["fits"] else "**NO**",
             f"{f['flops'] / 1e12:.2f}", f"{f['bytes'] / 1e9:.1f}", f"{coll:.1f}", f"{f['compile_s']:.0f}",
-            f"{f['roofline_s']:.3g}", f"{f.get('roofline_xla_s', 0.0):.3g}", f["note"]]))
+            f"{f['roofline_s']:.3g}", f"{f.get('roofline_xla_s', 0.0):.3g}",
+            "-" if f.get("collective_s") is None else f"{f['collective_s']:.3g}", f["note"]]))
     p = res["projected_s"]
     lines += [
         "",
@@ -62,7 +64,7 @@ def markdown(res: dict) -> str:
         f"{_t(st['update'])}; evaluation adds {_t(st['eval_amortised'])} per step amortised. "
         f"200 steps: {_t(p['200_steps'])}; total_steps ({c['total_steps']}): {_t(p['total_steps'])}. "
         f"With XLA's byte counts instead of the bytes each call must move: "
-        f"{_t(res['step_xla_bytes_s']['total'])} per step.",
+        f"{_t(res['step_xla_bytes_s']['total'])} per step." + _collectives_line(res, res.get("step_collectives_s")),
     ]
     at = res.get("at_lengths")
     if at:
@@ -73,7 +75,8 @@ def markdown(res: dict) -> str:
             f"{res['shapes']['update_width']}): {_t(st['total'])} = rollout {_t(st['rollout'])} + reference "
             f"{_t(st['reference'])} + update {_t(st['update'])}; evaluation adds {_t(st['eval_amortised'])}. "
             f"200 steps: {_t(p['200_steps'])}; total_steps ({c['total_steps']}): {_t(p['total_steps'])}. "
-            f"With XLA's byte counts: {_t(at['step_xla_bytes_s']['total'])} per step.",
+            f"With XLA's byte counts: {_t(at['step_xla_bytes_s']['total'])} per step."
+            + _collectives_line(res, at.get("step_collectives_s")),
         ]
     lines += [
         "",
@@ -84,17 +87,27 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _collectives_line(res: dict, st: dict | None) -> str:
+    bw = res["target"].get("ici_bandwidth")
+    if not st or not bw:
+        return ""
+    return (f" With each call's collectives at the chip's all-reduce bandwidth ({bw / 1e9:.0f} GB/s), "
+            f"overlapped with compute at best: {_t(st['total'])} = rollout {_t(st['rollout'])} + reference "
+            f"{_t(st['reference'])} + update {_t(st['update'])}.")
+
+
 def summary(results: list[dict]) -> str:
     """One row per plan (config x topology): the fit, the largest function, the projected times."""
     lines = [_row(["plan", "chips", "fits", "largest function", "peak GiB/chip", "% usable", "resident GiB/chip",
                    "worst-case step: rollout + reference + update", "200 steps", "1,005 steps",
-                   "step at --lengths", "200 steps at --lengths"]), _row(["---"] * 12)]
+                   "step at --lengths", "200 steps at --lengths", "step at --lengths with collectives"]),
+             _row(["---"] * 13)]
     for res in results:
         t, st = res["target"], res["step_s"]
         worst = max(res["functions"], key=lambda f: f["peak_bytes"], default=None)
         if worst is None:
             lines.append(_row([res.get("command", ""), t["chips"], "not compiled", "-", "-", "-",
-                               _g(res["resident_bytes"]["total"]), "-", "-", "-", "-", "-"]))
+                               _g(res["resident_bytes"]["total"]), "-", "-", "-", "-", "-", "-"]))
             continue
         per_step = st["total"] + st["eval_amortised"]
         lines.append(_row([
@@ -110,7 +123,9 @@ def summary(results: list[dict]) -> str:
 def _at_lengths(res: dict) -> list[str]:
     at = res.get("at_lengths")
     if not at:
-        return ["-", "-"]
-    st = at["step_s"]
+        return ["-", "-", "-"]
+    st, coll = at["step_s"], at.get("step_collectives_s")
     return [f"{_t(st['total'])} = {_t(st['rollout'])} + {_t(st['reference'])} + {_t(st['update'])}",
-            _t(at["projected_s"]["200_steps"])]
+            _t(at["projected_s"]["200_steps"]),
+            "-" if not coll else f"{_t(coll['total'])} = {_t(coll['rollout'])} + {_t(coll['reference'])} + "
+                                 f"{_t(coll['update'])}"]
