@@ -113,6 +113,10 @@ def test_collective_bytes_reads_hlo_result_shapes():
   %x = f32[9]{0} add(f32[9]{0} %d, f32[9]{0} %e)
 """
     assert analyse.collective_bytes(hlo) == {"all-gather": 16 * 2048 * 2, "all-reduce": 48, "reduce-scatter": 24}
+    hlo += "  %all-gather.2 = bf16[16,2048]{0,1} all-gather(bf16[1,2048]{0,1} %q), dimensions={0}\n"
+    top = analyse.largest_collectives(hlo, n=2)
+    assert top == [{"op": "all-gather", "shape": "bf16[16,2048]", "bytes": 2 * 16 * 2048 * 2, "count": 2},
+                   {"op": "all-reduce", "shape": "(f32[8], f32[4])", "bytes": 48, "count": 1}]
 
 
 def test_cpu_memory_scheduler_flag_is_added_once_and_a_users_choice_kept(monkeypatch):

@@ -40,6 +40,22 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     return out
 
 
+def largest_collectives(hlo_text: str, n: int = 8) -> list[dict]:
+    """The `n` collective (op, result shape) pairs that produce the most bytes per chip, with how
+    many ops share them: what to read when a call's collective bytes are larger than its weights."""
+    by: dict[tuple[str, str], list[int]] = {}
+    for line in hlo_text.splitlines():
+        m = _COLLECTIVE.search(line)
+        if not m:
+            continue
+        shape = re.sub(r"\{[^}]*\}", "", m.group(1))  # drop layouts: f32[8,2]{1,0} -> f32[8,2]
+        entry = by.setdefault((m.group(2), shape), [0, 0])
+        entry[0] += sum(collective_bytes(line).values())
+        entry[1] += 1
+    top = sorted(by.items(), key=lambda kv: -kv[1][0])[:n]
+    return [{"op": op, "shape": shape, "bytes": b, "count": c} for (op, shape), (b, c) in top]
+
+
 @dataclasses.dataclass
 class Analysis:
     name: str
@@ -60,6 +76,7 @@ class Analysis:
     flops: float = 0.0  # per chip per call, loops counted
     bytes: float = 0.0
     collectives: dict = dataclasses.field(default_factory=dict)
+    largest_collectives: list = dataclasses.field(default_factory=list)  # largest_collectives(hlo)
     # Bytes a call cannot avoid moving: each loop iteration reads its arguments once (the decode
     # step reads the params and the KV cache), plus the outputs not written in place. XLA's
     # "bytes accessed" counts every fusion's operands (a cache update as the whole cache), so it
@@ -150,7 +167,9 @@ def compile_call(call: Call, run, chip, chips: int, resident_bytes: dict[str, in
     iters = max(call.loop_iters, 1)
     a.flops = iters * (a.xla_flops + lm_head_correction(call, run, chips))
     a.bytes = iters * a.xla_bytes
-    a.collectives = collective_bytes(compiled.as_text() or "")
+    hlo = compiled.as_text() or ""
+    a.collectives = collective_bytes(hlo)
+    a.largest_collectives = largest_collectives(hlo)
     a.bytes_min = iters * a.argument_bytes + a.output_bytes - a.alias_bytes
     a.roofline_s = max(a.flops / chip.bf16_flops, a.bytes_min / chip.hbm_bandwidth)
     a.roofline_xla_s = max(a.flops / chip.bf16_flops, a.bytes / chip.hbm_bandwidth)

@@ -78,6 +78,13 @@ def markdown(res: dict) -> str:
             f"With XLA's byte counts: {_t(at['step_xla_bytes_s']['total'])} per step."
             + _collectives_line(res, at.get("step_collectives_s")),
         ]
+    heavy = [f for f in res["functions"] if f.get("largest_collectives")]
+    if heavy:
+        lines += ["", "Largest collectives per call body (op, result shape per chip, ops, MB):"]
+        for f in heavy:
+            ops = "; ".join(f"{c['op']} {c['shape']} x{c['count']}: {c['bytes'] / 1e6:,.0f}"
+                            for c in f["largest_collectives"][:4])
+            lines.append(f"- {f['name']}: {ops}")
     lines += [
         "",
         "Verdict: " + ("nothing compiled: resident state only" if res["fits"] is None else
