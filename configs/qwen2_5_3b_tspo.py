@@ -248,6 +248,14 @@ def search_r1_config(preset: str, hf_name: str, mesh_arg: str, micro_batch: int,
     return c
 
 
+# Meshes whose full-size plan was compiled with model.shard_activations=True and fits: on 3B's
+# tpu_v5e_64 the update's collectives fall from 403 GB to 14 GB per micro-batch (docs/POD_PLAN.md).
+# The other meshes have not been planned with it.
+PINNED_MESHES = ("tpu_v5e_64",)
+
+
 def get_config(arg: str = DEFAULT_MESH) -> ml_collections.ConfigDict:
     # micro_batch 64 = Search-R1's ppo_micro_batch_size; 8 rows per GPU on gpu8.
-    return search_r1_config("qwen2.5-3b", "Qwen2.5-3B", arg, micro_batch=64)
+    c = search_r1_config("qwen2.5-3b", "Qwen2.5-3B", arg, micro_batch=64)
+    c.model.shard_activations = arg in PINNED_MESHES
+    return c
