@@ -62,8 +62,9 @@ def build_retriever(cfg: ml_collections.ConfigDict, workdir: str | None) -> Retr
     """retriever.spec if given (URL or index dir); else an index of retriever.corpus, built once."""
     # An index this config built is read with the config's corpus, not the path in its manifest:
     # the demo's index cache is shared by every clone on the machine.
+    spec = ensure_index(cfg, workdir)
     corpus_path = None if cfg.spec else os.path.expanduser(cfg.corpus)
-    return make_retriever(ensure_index(cfg, workdir), timeout_s=cfg.timeout_s, retries=cfg.retries,
+    return make_retriever(spec, timeout_s=cfg.timeout_s, retries=cfg.retries,
                           max_outage_s=cfg.get("max_outage_s", 600.0), corpus_path=corpus_path)
 
 
