@@ -229,8 +229,14 @@ def test_estimators_match_reference(batch):
             G,
             correct,
         )
+        # "All advantages 0" is exact equality: an advantage that is 0 in float32 can be 1e-8 in the
+        # float64 reference (e.g. the middle of outcomes 0.1, 0.2, 0.3). Either count is right then.
+        near_zero = np.where(np.abs(want) <= 1e-5, 0.0, want)
+        loose = ref_metrics(near_zero, batch["outcome"], batch["turn_returns"], batch["turn_valid"],
+                            batch["first_occurrence"], batch["group_ids"], G, correct)
         for key, value in ref.items():
-            assert metrics[key] == pytest.approx(value, abs=1e-5), (name, key)
+            allowed = [value, loose[key]] if key == "adv/homogenized_group_frac" else [value]
+            assert any(metrics[key] == pytest.approx(v, abs=1e-5) for v in allowed), (name, key, metrics[key], allowed)
 
 
 def test_continuous_rewards_match_reference():
