@@ -175,7 +175,8 @@ def test_context_overflow_ends_the_episode(tok, retriever):
 
 
 def test_dead_retriever_is_a_clear_failure_or_an_error_observation(tok):
-    dead = HttpRetriever("http://127.0.0.1:9", timeout_s=0.5, retries=0)
+    # max_outage_s=0: fail at once (the default waits 10 min for a restarting server).
+    dead = HttpRetriever("http://127.0.0.1:9", timeout_s=0.5, retries=0, max_outage_s=0)
     runner, state = _runner(tok, dead, ANSWER_TURN, _cfg())
     with pytest.raises(RetrieverError, match="127.0.0.1:9"):
         runner.run(state, [Q_SEARCH])
