@@ -33,11 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tspo_jax import sharding as shd
+
 # Logical axis names carried by every parameter (see sharding.py for the mesh rules).
 VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP_DIM = "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp"
 
-# Mesh axes activations are laid out on (tspo_jax/sharding.py lays parameters out on the same).
-_BATCH_AXES, _TENSOR_AXIS = ("data", "fsdp"), "tensor"
+# How activation dimensions map to mesh axes: the same rule as parameters (sharding.logical_to_spec).
+_ACTIVATION_RULES = {"batch": shd.BATCH_AXES, "tensor": "tensor"}
 
 
 def constrain(cfg: "Qwen2Config", x: jax.Array, *dims: str | None) -> jax.Array:
@@ -47,14 +49,7 @@ def constrain(cfg: "Qwen2Config", x: jax.Array, *dims: str | None) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if not cfg.shard_activations or mesh.empty:
         return x
-    spec = []
-    for dim, size in zip(dims, x.shape):
-        axes = _BATCH_AXES if dim == "batch" else (_TENSOR_AXIS,) if dim == "tensor" else ()
-        axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
-        ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-        spec.append(None if not axes or size % ways else axes[0] if len(axes) == 1 else axes)
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
-
+    return jax.lax.with_sharding_constraint(x, shd.logical_to_spec(dims, x.shape, mesh, _ACTIVATION_RULES))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,7 +84,6 @@ class Analysis:
     bytes_min: float = 0.0
     roofline_s: float = 0.0  # per call: max(FLOPs / peak, bytes_min / bandwidth), a lower bound
     roofline_xla_s: float = 0.0  # per call: max(FLOPs / peak, XLA's bytes / bandwidth)
-    collective_s: float | None = None  # per call: collective bytes / ICI bandwidth (collective_seconds)
     needed_bytes: int = 0  # when the compiler refused it: what it said it needed
     tokens: str = ""  # Call.tokens / Call.worst_tokens, for planner.projection
     worst_tokens: int = 0
@@ -173,5 +172,4 @@ def compile_call(call: Call, run, chip, chips: int, resident_bytes: dict[str, in
     a.bytes_min = iters * a.argument_bytes + a.output_bytes - a.alias_bytes
     a.roofline_s = max(a.flops / chip.bf16_flops, a.bytes_min / chip.hbm_bandwidth)
     a.roofline_xla_s = max(a.flops / chip.bf16_flops, a.bytes / chip.hbm_bandwidth)
-    a.collective_s = collective_seconds(a.collectives, call.loop_iters, chip.ici_bandwidth)
     return a
