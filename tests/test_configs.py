@@ -114,8 +114,10 @@ def stand_ins(tmp_path_factory):
 
 
 def _devices_for(c) -> int:
+    """The devices a config is validated for: its mesh's, or for a -1 axis as many as its batches
+    split over (8 at most, as the tests' fake devices)."""
     shape = tuple(c.mesh.shape)
-    return 8 if -1 in shape else math.prod(shape)
+    return math.gcd(8, c.micro_batch, c.warmstart.batch_size) if -1 in shape else math.prod(shape)
 
 
 # --- loading and key tree -------------------------------------------------------------------------

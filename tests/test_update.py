@@ -254,3 +254,33 @@ def test_update_applies_and_reports_the_given_learning_rate():
     with np.testing.assert_raises_regex(ValueError, "make_optimizer"):
         _, plain, _ = _setup((8, 1, 1), 8)
         plain.update(params, plain.tx.init(params), plain.shard(packed), lr=rate)
+
+
+def test_a_non_finite_update_is_skipped_and_leaves_params_and_adam_state_untouched():
+    """The guard in update/apply (a lax.cond): a NaN loss applies nothing (params, moments, step
+    count and rate exactly as before) and is counted; the next finite update applies as usual."""
+    c = ml_collections.ConfigDict(dict(lr=1e-3, schedule="constant", warmup_ratio=0.0, warmup_steps=0,
+                                       weight_decay=0.01, b1=0.9, b2=0.999, grad_clip=1.0))
+    tx, _ = update_lib.make_optimizer(c, total_steps=10)
+    model, upd, _ = _setup((8, 1, 1), 8)
+    upd = dataclasses.replace(upd, tx=tx)
+    rs = np.random.RandomState(11)
+    good = _ragged_batch(rs, rows=8)
+    params = nnx.state(model, nnx.Param)
+    params, opt_state, m1 = upd.update(params, tx.init(params), upd.shard(good), lr=1e-3)
+    assert float(m1["actor/nonfinite_skips"]) == 0.0
+    before = [np.asarray(x).copy() for x in jax.tree.leaves((params, opt_state))]
+    bad = dict(good, advantages=np.where(good["loss_mask"] > 0, np.nan, 0.0).astype(np.float32))
+    params, opt_state, m2 = upd.update(params, opt_state, upd.shard(bad), lr=5e-4)
+    assert float(m2["actor/nonfinite_skips"]) == 1.0
+    after = [np.asarray(x) for x in jax.tree.leaves((params, opt_state))]
+    assert len(after) == len(before)
+    for a, b in zip(after, before):
+        np.testing.assert_array_equal(a, b)
+    params, opt_state, m3 = upd.update(params, opt_state, upd.shard(good), lr=5e-4)
+    assert float(m3["actor/nonfinite_skips"]) == 0.0
+    assert float(optax.tree_utils.tree_get(opt_state, "learning_rate")) == np.float32(5e-4)
+    counts = [int(x) for x in jax.tree.leaves(opt_state) if np.asarray(x).dtype == np.int32]
+    assert counts and all(c == 2 for c in counts)  # two applied updates: the skipped one did not count
+    moved = max(np.abs(np.asarray(a) - b).max() for a, b in zip(jax.tree.leaves(params), before))
+    assert moved > 0

@@ -186,16 +186,21 @@ class PolicyUpdater:
         grads = acc["grads"]
         metrics = {"actor/grad_norm": optax.global_norm(grads)}
         if lr is not None:
-            opt_state = optax.tree_utils.tree_set(opt_state, learning_rate=lr)
             metrics["actor/lr"] = lr
-        updates, new_opt_state = self.tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
         # A non-finite loss or gradient is never applied: the update is skipped (params and Adam
         # moments stay as they were) and counted; the trainer stops after max_nonfinite_steps.
         finite = jnp.isfinite(acc["loss"]) & jnp.isfinite(metrics["actor/grad_norm"])
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        params = jax.tree.map(keep, new_params, params)
-        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+
+        def step(state):
+            p, o = state
+            if lr is not None:
+                o = optax.tree_utils.tree_set(o, learning_rate=lr)
+            updates, o = self.tx.update(grads, o, p)
+            return optax.apply_updates(p, updates), o
+
+        # A cond, not jnp.where(finite, new, old) per leaf: where keeps the new and the old state
+        # alive at once (5.5 GiB of temporaries for 0.5B in fp32 on CPU, 0.5 GiB with the cond).
+        params, opt_state = jax.lax.cond(finite, step, lambda state: state, (params, opt_state))
         metrics["actor/nonfinite_skips"] = 1.0 - finite.astype(jnp.float32)
         return params, opt_state, metrics
 
