@@ -96,7 +96,9 @@ def test_host_plan_uses_the_cpu_devices_and_ram():
     c.micro_batch = 8  # a multiple of the 8 batch devices
     res = plan_lib.plan(c, "host", only=("update",))
     assert res["target"]["chips"] == 8  # tests/conftest.py's fake devices
-    assert res["target"]["usable_bytes"] * 8 == pytest.approx(hardware.host_memory_bytes(), rel=1e-6)
+    usable = hardware.host_memory_bytes() - hardware.HOST_PROCESS_RESERVE  # the process's own RAM is not usable
+    assert res["target"]["usable_bytes"] * 8 == pytest.approx(usable, rel=1e-6)
+    assert res["target"]["hbm_bytes"] * 8 == pytest.approx(hardware.host_memory_bytes(), rel=1e-6)
     assert res["fits"] and [f["name"] for f in res["functions"]] == ["update/accumulate", "update/apply"]
 
 

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from tspo_jax import advantages as adv_lib
-from tspo_jax import data, evaluation, paths, rewards, rollout, run_flags
+from tspo_jax import data, evaluation, host_memory, paths, rewards, rollout, run_flags
 from tspo_jax import sharding as shd
 from tspo_jax import update as update_lib
 from tspo_jax import warmstart, xla_flags
@@ -102,6 +102,7 @@ class Trainer:
         episodes = self.rt.runner.run(self.params_for_sampling(), [ex.policy_input for ex in batch],
                                    [ex.uid for ex in batch], n=n, rng=rng)
         timing["timing_s/gen"] = time.perf_counter() - t0
+        host_memory.release_free_memory()  # the rollout's caches and temporaries (CPU hosts: see host_memory)
         timing["timing_s/retrieval"] = self.rt.runner.timing.get("retrieval", 0.0)
 
         t0 = time.perf_counter()
@@ -121,6 +122,7 @@ class Trainer:
         if cfg.recompute_old_logprobs:
             packed["old_logp"] = self.rt.updater.logprobs(self.params, lp_batch)
         timing["timing_s/ref"] = time.perf_counter() - t0
+        host_memory.release_free_memory()
 
         t0 = time.perf_counter()
         dev = self.rt.updater.shard({"turn_ids": packed["turn_ids"], "loss_mask": packed["loss_mask"]})
@@ -145,6 +147,7 @@ class Trainer:
                 update_metrics.append(m)
         jax.block_until_ready(self.params)
         timing["timing_s/update_actor"] = time.perf_counter() - t0
+        host_memory.release_free_memory()
         timing["timing_s/step"] = time.perf_counter() - t_step
 
         metrics = {k: float(np.mean([float(m[k]) for m in update_metrics])) for k in update_metrics[0]}

@@ -141,7 +141,10 @@ class PolicyUpdater:
         self._logprobs = jax.jit(self._logprobs_impl)
         self._zeros = jax.jit(self._zeros_impl)
         self._accumulate = jax.jit(self._accumulate_impl, donate_argnums=(1,))
-        self._apply = jax.jit(self._apply_impl, donate_argnums=(0, 1, 2))
+        # Params and Adam state are updated in place. The summed gradients are not donated: no
+        # output has their shape left to alias them (JAX warned of unusable donations); `update`
+        # drops them as soon as the step is applied.
+        self._apply = jax.jit(self._apply_impl, donate_argnums=(0, 1))
         self._sft = jax.jit(self._sft_impl, donate_argnums=(0, 1))
         # The compiled functions by name, for ahead-of-time lowering (python -m tspo_jax.plan).
         self.jitted = {"logprobs": self._logprobs, "accumulate": self._accumulate, "apply": self._apply,
@@ -265,6 +268,7 @@ class PolicyUpdater:
             acc, m = self._accumulate(params, acc, mb, norm)
             micro.append(m)
         params, opt_state, m = self._apply(params, opt_state, acc, lr)
+        del acc
         micro, m = jax.device_get((micro, m))
         # With mini-batch normalisers the micro-batch values add up to the mini-batch's.
         metrics = {k: np.max([x[k] for x in micro]) if k == "actor/ratio_max" else np.sum([x[k] for x in micro],
