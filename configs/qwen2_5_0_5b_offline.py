@@ -28,16 +28,17 @@ _spec.loader.exec_module(_base)
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = _base.search_r1_config("qwen2.5-0.5b", "Qwen2.5-0.5B-Instruct", "fsdp_any", micro_batch=4)
+    c = _base.search_r1_config("qwen2.5-0.5b", "Qwen2.5-0.5B-Instruct", "fsdp_any", micro_batch=2)
     paths = demo_paths()
     c.total_steps = 20
     c.prompts_per_step = 4
     c.group_size = 4
     c.mini_batch = 16  # one optimizer step per training step
-    # 4 rows per gradient micro-batch: the update's temporaries scale with it (0.5B fp32, 1,536-token
-    # rows: 7.80 GiB at 8 rows, 4.15 GiB at 4), and this machine's 24 GB must also hold the
-    # process itself (python -m tspo_jax.plan ... --topology=host). On up to 4 data-parallel devices.
-    c.micro_batch = 4
+    # 2 rows per gradient micro-batch: the update's temporaries scale with it (0.5B fp32, 1,536-token
+    # rows: 7.80 GiB at 8 rows, 4.15 GiB at 4), and this machine's 24 GB must also hold the process
+    # itself. The documented run used 4 and peaked at 23.7 of 24.1 GB (docs/POD_PLAN.md); the host
+    # plan, which reserves what that run measured, gives 4 less than 10% headroom.
+    c.micro_batch = 2
     c.recompute_old_logprobs = False  # fp32 on CPU: the sampler's logprobs are the trainer's
     c.checkpoint_every = 10
     c.mesh.shape = (-1, 1, 1)  # data parallel over whatever devices there are
