@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mini_batch = 16  # one optimizer step per training step
     # 2 rows per gradient micro-batch: the update's temporaries scale with it (0.5B fp32, 1,536-token
     # rows: 7.80 GiB at 8 rows, 4.15 GiB at 4), and this machine's 24 GB must also hold the process
-    # itself. The documented run used 4 and peaked at 23.7 of 24.1 GB (docs/POD_PLAN.md); the host
+    # itself. The documented run used 4 and peaked at 22.6 of 23.5 GiB (docs/POD_PLAN.md); the host
     # plan, which reserves what that run measured, gives 4 less than 10% headroom.
     c.micro_batch = 2
     c.recompute_old_logprobs = False  # fp32 on CPU: the sampler's logprobs are the trainer's

@@ -3,7 +3,7 @@
 glibc's malloc keeps freed blocks below its mmap threshold in its arenas, and XLA:CPU allocates a
 program's buffers through it, so a CPU run's resident memory climbs with every new shape it
 compiles and runs, though its live arrays do not. Measured on the 0.5B offline run
-(docs/POD_PLAN.md): 1.1 GB returned by one malloc_trim during a rollout. The trainer calls this
+(docs/POD_PLAN.md): 1.06 GiB returned by one malloc_trim during a rollout. The trainer calls this
 between the phases of a step.
 """
 
