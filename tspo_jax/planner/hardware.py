@@ -128,7 +128,7 @@ def host_memory_bytes() -> int:
 # RAM the trainer process holds beyond its arrays and its compiled programs' buffers: Python and
 # the libraries, XLA:CPU compiling new shapes while earlier calls still run, and freed blocks malloc
 # keeps. Measured on the 0.5B offline run (docs/POD_PLAN.md, "The 0.5B config on this machine"): its
-# resident set peaked 3.6 GiB above the plan's largest function in step 1 and 6.7 GiB above it in
+# resident set peaked 3.7 GiB above the plan's largest function in step 1 and 6.7 GiB above it in
 # step 2. `host` plans leave this much out of the usable RAM.
 HOST_PROCESS_RESERVE = int(7 * GiB)
 
