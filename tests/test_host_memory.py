@@ -30,3 +30,13 @@ def test_release_free_memory_returns_freed_heap_pages():
     libc.free(pin)
     assert held - freed < 100e6, "free() returned the blocks by itself: the test does not exercise malloc_trim"
     assert freed - trimmed > 200e6, (held, freed, trimmed)
+
+
+def test_proc_bytes_reads_a_kib_field_and_says_none_when_absent(tmp_path):
+    f = tmp_path / "meminfo"
+    f.write_text("MemTotal:       24683776 kB\nMemFree:         1234 kB\nMemAvailable:   17000000 kB\n")
+    assert host_memory.proc_bytes(str(f), "MemTotal") == 24683776 * 1024
+    assert host_memory.proc_bytes(str(f), "MemAvailable") == 17000000 * 1024
+    assert host_memory.proc_bytes(str(f), "Mem") is None  # a prefix of a field is not the field
+    assert host_memory.proc_bytes(str(f), "SwapTotal") is None
+    assert host_memory.proc_bytes(str(tmp_path / "missing"), "MemTotal") is None

@@ -34,13 +34,19 @@ def release_free_memory() -> bool:
     return True
 
 
-def resident_bytes() -> int | None:
-    """This process's resident set (VmRSS), or None where /proc is not available."""
+def proc_bytes(path: str, field: str) -> int | None:
+    """A "Field:  N kB" line of a /proc file (/proc/meminfo, /proc/self/status) in bytes, or None
+    where the file or the field is not there."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set (VmRSS), or None where /proc is not available."""
+    return proc_bytes("/proc/self/status", "VmRSS")

@@ -102,8 +102,8 @@ class Trainer:
         episodes = self.rt.runner.run(self.params_for_sampling(), [ex.policy_input for ex in batch],
                                    [ex.uid for ex in batch], n=n, rng=rng)
         timing["timing_s/gen"] = time.perf_counter() - t0
-        host_memory.release_free_memory()  # the rollout's caches and temporaries (CPU hosts: see host_memory)
         timing["timing_s/retrieval"] = self.rt.runner.timing.get("retrieval", 0.0)
+        host_memory.release_free_memory()  # the rollout's caches and temporaries (CPU hosts: see host_memory)
 
         t0 = time.perf_counter()
         rb = rewards.compute_rewards(episode_texts(episodes, rows), cfg.reward, num_turns=self.rt.rollout_cfg.num_turns)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tspo_jax.bench.costs import Limits
+from tspo_jax.host_memory import proc_bytes
 
 
 def _cpu_model() -> str:
@@ -32,26 +33,13 @@ def _cpu_model() -> str:
 
 
 def _mem_total_gb() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
+    total = proc_bytes("/proc/meminfo", "MemTotal")
+    return None if total is None else round(total / 2**30, 1)
 
 
 def available_memory_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (None where there is no such file)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def _version(pkg: str) -> str | None:

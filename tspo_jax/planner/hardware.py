@@ -24,6 +24,8 @@ import dataclasses
 import os
 import re
 
+from tspo_jax.host_memory import proc_bytes
+
 GiB = 1024**3
 
 
@@ -115,14 +117,8 @@ def tpu_devices(name: str):
 
 def host_memory_bytes() -> int:
     """This machine's RAM (what CPU devices share)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = proc_bytes("/proc/meminfo", "MemTotal")
+    return total if total is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 # RAM the trainer process holds beyond its arrays and its compiled programs' buffers: Python and
