@@ -469,6 +469,19 @@ def test_hand_worked_example():
     assert tspo_metrics["adv/folr_rescued_frac"] == 1.0 and tspo_metrics["adv/homogenized_group_frac"] == 0.0
     assert tspo_metrics["adv/k_star_mean"] == pytest.approx(0.5)
 
+    # With the format terms 0, an all-wrong group's returns are alpha or 0, and TSPO's turn-level
+    # normalisation divides alpha out: alpha = 0.25 or 1.0 gives alpha = 0.5's advantages. (A FOLR
+    # alpha sweep on the demo, whose format terms are 0, therefore cannot change a `tspo` run.)
+    def with_alpha(alpha):
+        cfg_a = R.default_config()
+        cfg_a.folr.alpha = alpha
+        rb_a = R.compute_rewards(episodes, cfg_a, num_turns=K)
+        np.testing.assert_allclose(rb_a.turn_returns, rb.turn_returns * (alpha / 0.5), rtol=1e-6)
+        return {**batch, "turn_returns": pad({"turn_returns": rb_a.turn_returns})["turn_returns"]}
+
+    for alpha in (0.25, 1.0):
+        np.testing.assert_allclose(run("tspo", with_alpha(alpha))[0], tspo, rtol=1e-5, atol=1e-6)
+
     # Counterfactual: ep 4 answers correctly -> mixed group -> TSPO uses GRPO's trajectory advantage.
     batch["outcome"][4], batch["correct"][4] = 1.0, True
     batch["turn_returns"][4, :2] = 1.0
@@ -477,6 +490,16 @@ def test_hand_worked_example():
     np.testing.assert_allclose(tspo, grpo)
     np.testing.assert_allclose(tspo[4, 2], 0.8 / (math.sqrt(0.2) + EPS), rtol=1e-6)
     np.testing.assert_allclose(tspo[0, 2], -0.2 / (math.sqrt(0.2) + EPS), rtol=1e-6)
+
+    # In a mixed group alpha does matter for `tspo_turn`, which pools the right episode's returns (1)
+    # with the wrong ones' (alpha or 0) turn by turn; `tspo` ignores FOLR there (GRPO's advantages).
+    mixed = {}
+    for alpha in (0.5, 1.0):
+        b_a = with_alpha(alpha)
+        b_a["turn_returns"][4, :2] = 1.0
+        mixed[alpha] = (run("tspo_turn", b_a)[0], run("tspo", b_a)[0])
+    assert np.abs(mixed[0.5][0] - mixed[1.0][0]).max() > 0.1
+    np.testing.assert_allclose(mixed[0.5][1], mixed[1.0][1])
 
 
 # ----------------------------------------------------------------------------- registry, config, errors

@@ -22,6 +22,9 @@ Stage-aware returns, with r = outcome (EM plus any format terms) and alpha = fol
   wrong episode without k* (or FOLR off): G_k = r
 With the default binary reward (format terms 0) the wrong cases are exactly TSPO.md's
 G_k = alpha for k <= k*, 0 after; adding alpha on top of r is our extension for format terms.
+Under the `tspo` advantage alpha is only a scale there: an all-wrong group's returns are r or r + alpha,
+and with r equal across the group (format terms 0) the turn-level normalisation divides alpha out.
+It matters for `tspo_turn` (mixed groups pool 1 with alpha) and where format terms differ.
 """
 
 from __future__ import annotations
